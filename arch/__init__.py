@@ -1,0 +1,6 @@
+"""arch: convolutional building blocks and the published networks made from them."""
+from arch.registry import build, names, register
+from arch.cost import count_macs, count_params, format_summary
+
+# Importing the network modules registers their builders.
+from arch import resnet  # noqa: E402,F401
