@@ -1,0 +1,96 @@
+"""Load run and sweep directories into pandas, and the plots reports and notebooks share.
+
+    runs, metrics = arch.analysis.load('runs/degradation')
+
+`runs` has one row per run: the config keys that vary across runs (e.g.
+`model.depth`, `model.shortcut`, `seed`) and the fields of its summary.json.
+`metrics` has every line of every metrics.jsonl, with the same config columns.
+"""
+import json
+import os
+
+import pandas as pd
+
+from arch import runfiles
+
+
+def flatten(tree, prefix=''):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def run_dirs(path):
+  """A run directory itself, or the run directories one level below a sweep."""
+  if os.path.exists(os.path.join(path, 'config.json')):
+    return {os.path.basename(os.path.normpath(path)): path}
+  if not os.path.isdir(path):
+    raise ValueError(f'{path!r} is not a run or sweep directory')
+  return {name: os.path.join(path, name) for name in sorted(os.listdir(path))
+          if os.path.exists(os.path.join(path, name, 'config.json'))}
+
+
+def load(path):
+  """(runs, metrics) DataFrames for a run or sweep directory."""
+  dirs = run_dirs(path)
+  configs = {name: flatten(runfiles.read_json(os.path.join(d, 'config.json')))
+             for name, d in dirs.items()}
+  overrides = {m['name']: m['overrides'] for m in
+               runfiles.read_json(os.path.join(path, 'sweep.json')).get('members', [])}
+  keys = {k for o in overrides.values() for k in o}
+  all_keys = {k for c in configs.values() for k in c}
+  keys |= {k for k in all_keys
+           if len({json.dumps(c.get(k), default=str) for c in configs.values()}) > 1}
+  keys = sorted(keys)
+  rows, frames = [], []
+  for name, d in dirs.items():
+    columns = {'run': name, **{k: configs[name].get(k) for k in keys}}
+    summary = runfiles.read_json(os.path.join(d, 'summary.json'))
+    rows.append({**columns, **{k: v for k, v in summary.items() if not isinstance(v, dict)}})
+    metrics_path = os.path.join(d, 'metrics.jsonl')
+    if os.path.exists(metrics_path) and os.path.getsize(metrics_path):
+      frames.append(pd.read_json(metrics_path, lines=True).assign(**columns))
+  runs = pd.DataFrame(rows)
+  metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=['run', 'step'])
+  return runs, metrics
+
+
+def eval_curves(metrics):
+  """Evaluation lines only (clean train and test error), averaged over seeds."""
+  evals = metrics[metrics['split'].notna()] if 'split' in metrics else metrics.iloc[:0]
+  group = [c for c in evals.columns if c.startswith('model.')] + ['split', 'step']
+  return evals.groupby(group, as_index=False)['error'].mean()
+
+
+def plot_degradation(metrics, axes=None, by='model.depth'):
+  """The ResNet paper's Figure 6: plain nets left, residual nets right; error (%)
+  against steps, one colour per depth, training error thin and test error bold."""
+  import matplotlib.pyplot as plt
+  if axes is None:
+    _, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+  curves = eval_curves(metrics)
+  depths = sorted(curves[by].unique())
+  colours = dict(zip(depths, plt.cm.viridis([i / max(1, len(depths) - 1) for i in range(len(depths))])))
+  for ax, plain, title in ((axes[0], True, 'plain'), (axes[1], False, 'ResNet')):
+    panel = curves[(curves['model.shortcut'] == 'none') == plain]
+    for depth in depths:
+      for split, width, style in (('train', 1, '--'), ('test', 2.5, '-')):
+        c = panel[(panel[by] == depth) & (panel['split'] == split)]
+        if len(c):
+          ax.plot(c['step'], 100 * c['error'], style, lw=width, color=colours[depth],
+                  label=f'{title}-{depth} {split}')
+    ax.set_title(f'{title} nets')
+    ax.set_xlabel('step')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+  axes[0].set_ylabel('error (%)  (dashed: train, bold: test)')
+  return axes
+
+
+def final_table(runs, index='model.depth', columns='model.shortcut', value='train_error'):
+  """Final error in %, mean over seeds: depth down, shortcut across."""
+  return (100 * runs.pivot_table(index=index, columns=columns, values=value, aggfunc='mean')).round(2)
