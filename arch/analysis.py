@@ -94,3 +94,39 @@ def plot_degradation(metrics, axes=None, by='model.depth'):
 def final_table(runs, index='model.depth', columns='model.shortcut', value='train_error'):
   """Final error in %, mean over seeds: depth down, shortcut across."""
   return (100 * runs.pivot_table(index=index, columns=columns, values=value, aggfunc='mean')).round(2)
+
+
+def load_diagnostics(path):
+  """Every run's diagnostics.jsonl (step, block, grad_norm, branch_ratio) with the
+  run's config columns, as one DataFrame."""
+  runs, _ = load(path)
+  config_columns = [c for c in runs.columns if '.' in c or c in ('run', 'seed')]
+  frames = []
+  for name, d in run_dirs(path).items():
+    p = os.path.join(d, 'diagnostics.jsonl')
+    if os.path.exists(p) and os.path.getsize(p):
+      row = runs[runs['run'] == name][config_columns].iloc[0].to_dict()
+      frames.append(pd.read_json(p, lines=True).assign(**row))
+  if not frames:
+    return pd.DataFrame(columns=['run', 'step', 'block', 'grad_norm', 'branch_ratio'])
+  frame = pd.concat(frames, ignore_index=True)
+  frame['block_index'] = frame.groupby('run')['block'].transform(
+      lambda b: b.map({n: i for i, n in enumerate(dict.fromkeys(b))}))
+  return frame
+
+
+def plot_block_diagnostics(diagnostics, value, axes=None, step='first'):
+  """One line per run: `value` ('grad_norm' or 'branch_ratio') against block index,
+  at the first or last diagnostics step of each run."""
+  import matplotlib.pyplot as plt
+  if axes is None:
+    _, axes = plt.subplots(figsize=(6, 4))
+  for name, d in diagnostics.groupby('run'):
+    at = d['step'].min() if step == 'first' else d['step'].max()
+    d = d[d['step'] == at].sort_values('block_index')
+    axes.plot(d['block_index'], d[value], marker='.', label=f'{name} (step {at})')
+  axes.set_xlabel('block (input side left)')
+  axes.set_ylabel(value)
+  axes.set_yscale('log')
+  axes.legend(fontsize=7)
+  return axes

@@ -17,6 +17,12 @@ from arch.layers import ConvUnit, activation, batch_norm
 SHORTCUTS = ('none', 'A', 'B', 'C')
 
 
+def record_branch_ratio(module, branch, x):
+  """Sows ||F(x)|| / ||x|| for the diagnostics: the ResNet paper argues that
+  residual blocks learn to keep F(x) small. Free unless 'intermediates' is mutable."""
+  module.sow('intermediates', 'branch_ratio', jnp.linalg.norm(branch) / (jnp.linalg.norm(x) + 1e-12))
+
+
 def check_shortcut(shortcut):
   if shortcut not in SHORTCUTS:
     raise ValueError(f'unknown shortcut {shortcut!r}; choose one of {", ".join(SHORTCUTS)}')
@@ -58,6 +64,7 @@ class BasicBlock(nn.Module):
   def __call__(self, x, train=False):
     y = ConvUnit(self.features, 3, self.strides, norm=self.norm, act=self.act, name='conv1')(x, train)
     y = ConvUnit(self.features, 3, norm=self.norm, act='none', name='conv2')(y, train)
+    record_branch_ratio(self, y, x)
     if self.shortcut != 'none':
       y = y + Shortcut(self.features, self.strides, self.shortcut, name='shortcut')(x, train)
     return activation(self.act)(y)
@@ -86,6 +93,7 @@ class BottleneckBlock(nn.Module):
     y = ConvUnit(self.features, 3, s3, act=self.act, name='conv2', **unit)(y, train)
     out = self.features * self.expansion
     y = ConvUnit(out, 1, act='none', name='conv3', **unit)(y, train)
+    record_branch_ratio(self, y, x)
     if self.shortcut != 'none':
       y = y + Shortcut(out, self.strides, self.shortcut, name='shortcut', **unit)(x, train)
     return activation(self.act)(y)
@@ -122,6 +130,7 @@ class PreActBlock(nn.Module):
       out = self.features
       y = ConvUnit(self.features, 3, self.strides, name='conv1', **unit)(pre, train)
       y = nn.Conv(out, (3, 3), use_bias=self.use_bias, name='conv2')(y)
+    record_branch_ratio(self, y, x)
     if self.shortcut == 'none':
       return y
     reshape = self.strides != 1 or x.shape[-1] != out
