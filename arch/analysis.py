@@ -130,3 +130,36 @@ def plot_block_diagnostics(diagnostics, value, axes=None, step='first'):
   axes.set_yscale('log')
   axes.legend(fontsize=7)
   return axes
+
+
+def write_report(workdir, print_table=True):
+  """`launch.py report`: summary.csv (one row per member) and report.png (Figure 6)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  runs, metrics = load(workdir)
+  if runs.empty:
+    raise ValueError(f'{workdir!r} holds no runs')
+  overrides = sorted({k for m in runfiles.read_json(os.path.join(workdir, 'sweep.json'))
+                      .get('members', []) for k in m['overrides']})
+  config_columns = overrides or [c for c in runs.columns if '.' in c]
+  wanted = ['run', *config_columns, 'status', 'train_error', 'test_error', 'params', 'macs', 'steps',
+            'wall_seconds', 'reason']
+  table = runs[[c for c in wanted if c in runs.columns]].sort_values(config_columns or 'run')
+  table.to_csv(os.path.join(workdir, 'summary.csv'), index=False)
+  if 'model.shortcut' in metrics and 'model.depth' in metrics:
+    axes = plot_degradation(metrics)
+    fig = axes[0].figure
+  else:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (name, split), c in metrics[metrics.get('split', pd.Series(dtype=str)).notna()].groupby(
+        ['run', 'split']):
+      ax.plot(c['step'], 100 * c['error'], lw=2.5 if split == 'test' else 1, label=f'{name} {split}')
+    ax.set_xlabel('step'); ax.set_ylabel('error (%)'); ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, 'report.png'), dpi=120)
+  plt.close(fig)
+  if print_table:
+    with pd.option_context('display.width', 200, 'display.max_columns', 20):
+      print(table.drop(columns=[c for c in ('reason',) if c in table]).to_string(index=False))
+  return table
