@@ -1,0 +1,118 @@
+"""The degradation experiment (He et al. 2016, Sec. 4.2): plain vs residual nets.
+
+  python launch.py train --config experiments/degradation.py --workdir runs/r20
+  python launch.py train --config experiments/degradation.py:depth=56,shortcut=none ...
+  python launch.py train --config experiments/degradation.py:cifar10,depth=110 ...
+
+The argument is a comma-separated list: at most one preset name (`digits`, the
+default, `fashion_mnist`, `cifar10`) and `key=value` overrides. A bare key is a
+model field (depth, width, shortcut, block) or a top-level key (batch_size,
+seed, ...); a dotted key (`data.holdout=5000`) is a path. Values are Python
+literals, else strings. `parse_arg` and `apply_overrides` are shared with sweeps.
+"""
+import ast
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def digits(config):
+  """8x8 digits, no download: the default, small enough for a CPU."""
+  del config  # the base config is the digits one
+
+
+def fashion_mnist(config):
+  """28x28 Fashion-MNIST from the Debian package; ~32 epochs."""
+  config.model.input_shape = (28, 28, 1)
+  config.data.name = 'fashion_mnist'
+  config.data.augment = ml_collections.ConfigDict(dict(crop_pad=2, flip=True))
+  config.num_steps = 15_000
+  config.schedule.boundaries = (7_500, 11_250)
+  config.log_every, config.eval_every, config.checkpoint_every = 100, 1_000, 1_000
+
+
+def cifar10(config):
+  """The paper's CIFAR-10 recipe: batch 128, lr 0.1 divided by 10 at 32k and 48k
+  steps, stop at 64k, weight decay 1e-4, momentum 0.9, 4-pixel pad + random
+  crop + flip. The paper's 45k/5k split is `data.holdout=5000`."""
+  config.model.input_shape = (32, 32, 3)
+  config.data.name = 'cifar10'
+  config.data.augment = ml_collections.ConfigDict(dict(crop_pad=4, flip=True))
+  config.num_steps = 64_000
+  config.schedule.boundaries = (32_000, 48_000)
+  config.log_every, config.eval_every, config.checkpoint_every = 100, 2_000, 2_000
+
+
+PRESETS = {f.__name__: f for f in (digits, fashion_mnist, cifar10)}
+MODEL_KEYS = ('depth', 'width', 'shortcut', 'block')
+
+
+def base_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dict(
+      name='cifar_resnet', depth=20, width=1.0, shortcut='A', block='basic', num_classes=10,
+      input_shape=(8, 8, 1)))
+  c.data = ml_collections.ConfigDict(dict(
+      name='digits',
+      data_dir=config_dict.placeholder(str),  # TFDS data_dir, or a folder of idx files
+      holdout=0,  # training images moved to a 'val' split
+      augment=ml_collections.ConfigDict(dict(crop_pad=1, flip=False)),  # digits: no flip
+  ))
+  c.batch_size = 128
+  c.eval_batch_size = 512
+  c.num_steps = 2_000  # ~180 epochs of the 1437 training digits
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name='sgd', momentum=0.9, nesterov=False, weight_decay=1e-4))
+  c.schedule = ml_collections.ConfigDict(dict(
+      name='piecewise', lr=0.1, warmup_steps=0, boundaries=(1_000, 1_500), factor=0.1))
+  c.label_smoothing = 0.0
+  c.log_every = 20
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  # Run control, not part of the experiment: stop (resumably) after this step.
+  c.stop_after = config_dict.placeholder(int)
+  return c
+
+
+def parse_arg(arg):
+  """'cifar10,depth=56,shortcut=none' -> ('cifar10', {'depth': 56, 'shortcut': 'none'})."""
+  preset, overrides = 'digits', {}
+  for item in filter(None, (arg or '').split(',')):
+    key, eq, value = item.partition('=')
+    key = key.strip()
+    if not eq:
+      if key not in PRESETS:
+        raise ValueError(f'unknown preset {key!r}; presets: {", ".join(PRESETS)}')
+      preset = key
+      continue
+    try:
+      overrides[key] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      overrides[key] = value.strip()
+  return preset, overrides
+
+
+def apply_overrides(config, overrides):
+  for key, value in overrides.items():
+    path = f'model.{key}' if key in MODEL_KEYS else key
+    *parents, leaf = path.split('.')
+    node = config
+    for p in parents:
+      node = node.get(p)
+      if not isinstance(node, ml_collections.ConfigDict):
+        break
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise ValueError(f'unknown config key {key!r} in the config argument')
+    node[leaf] = value
+  return config
+
+
+def get_config(arg=''):
+  preset, overrides = parse_arg(arg)
+  config = base_config()
+  PRESETS[preset](config)
+  apply_overrides(config, overrides)
+  config.lock()
+  return config
