@@ -72,6 +72,8 @@ def init_distributed():
   import jax
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  print(f'process {jax.process_index()} of {jax.process_count()}: {jax.device_count()} devices, '
+        f'{jax.local_device_count()} local', flush=True)
 
 
 def main(argv):
