@@ -41,6 +41,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -96,6 +97,9 @@ def prepare(config, workdir, restart=False, devices=None):
   """Everything that can be wrong with the inputs raises ValueError here, with
   one line saying what, before the workdir is written to."""
   model = arch.build(config.model)
+  for key in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints'):
+    if config[key] < 1:
+      raise ValueError(f'{key}={config[key]} must be at least 1')
   devices = list(devices or jax.devices())
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] % len(devices):
@@ -294,7 +298,8 @@ def run(job):
   t_mark, step_mark = time.perf_counter(), start
   train_time, train_steps = 0.0, 0   # this session, without compiling, evaluating, saving
   bar = tqdm.tqdm(total=config.num_steps, initial=start, disable=not lead, unit='step',
-                  desc=os.path.basename(os.path.normpath(workdir)), dynamic_ncols=True)
+                  desc=os.path.basename(os.path.normpath(workdir)), dynamic_ncols=True,
+                  mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file: rarely
 
   def check_finite():
     for step, m in pending:
