@@ -271,7 +271,6 @@ def run(job):
   images, labels = _replicate(job.data.images, job.mesh), _replicate(job.data.labels, job.mesh)
 
   shape = job.data.shape
-  previous = runfiles.read_json(paths['summary.json']) if start else {}
   summary = dict(
       status='running', step=start, num_steps=config.num_steps,
       model=config.model.name, data=config.data.name,
@@ -280,12 +279,14 @@ def run(job):
       device_kind=jax.devices()[0].device_kind, device_count=job.mesh.size,
       process_count=jax.process_count(), jax_version=jax.__version__,
       flax_version=flax.__version__)
-  summary.update({k: v for k, v in previous.items() if k.endswith(('_error', '_loss'))})
-  wall_before = previous.get('wall_s', 0.0)
+  wall_before = runfiles.read_json(paths['summary.json']).get('wall_s', 0.0) if start else 0.0
   t_session = time.perf_counter()
   if lead:
     runfiles.write_json(paths['config.json'], config_json(config))
-    _truncate_metrics(paths['metrics.jsonl'], start)
+    kept = _truncate_metrics(paths['metrics.jsonl'], start)
+    for line in kept:  # the last evaluation before the checkpoint
+      if 'split' in line:
+        summary.update({f'{line["split"]}_loss': line['loss'], f'{line["split"]}_error': line['error']})
     runfiles.write_json(paths['summary.json'], summary)
 
   def write_summary(**fields):
@@ -293,7 +294,7 @@ def run(job):
     if lead:
       runfiles.write_json(paths['summary.json'], summary)
 
-  stop = min(config.num_steps, config.stop_after or config.num_steps)
+  stop = max(start, min(config.num_steps, config.stop_after or config.num_steps))
   pending = []                       # (step, metrics on device) since the last line
   t_mark, step_mark = time.perf_counter(), start
   train_time, train_steps = 0.0, 0   # this session, without compiling, evaluating, saving
@@ -385,12 +386,19 @@ def _append(path, lines, lead):
 
 
 def _truncate_metrics(path, step):
-  """Drops lines after `step`, the checkpoint a run resumes from."""
+  """Drops lines after `step`, the checkpoint a run resumes from; returns the rest."""
   if not os.path.exists(path):
-    return
+    return []
+  lines = []
   with open(path) as f:
-    lines = [l for l in f if l.strip() and json.loads(l)['step'] <= step]
+    for l in f:
+      try:
+        lines.append(json.loads(l))
+      except json.JSONDecodeError:  # the last line, cut short by a kill
+        pass
+  lines = [l for l in lines if l['step'] <= step]
   tmp = f'{path}.tmp'
   with open(tmp, 'w') as f:
-    f.writelines(lines)
+    f.writelines(json.dumps(l) + '\n' for l in lines)
   os.replace(tmp, path)
+  return lines

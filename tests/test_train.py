@@ -112,9 +112,11 @@ def test_resume_is_exact(reference, tmp_path):
   config.stop_after = 13
   s = train.train(config, workdir)
   assert s['status'] == 'running' and s['step'] == 13
-  # Kill between checkpoints: metrics reached step 13, the last checkpoint is 10.
+  # Killed between checkpoints, mid-line: metrics reached step 13, the checkpoint is 10.
   ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints'))).delete(13)
   assert training_losses(workdir).index.max() == 13
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+    f.write('{"step": 14, "lo')
 
   config.stop_after = None  # run control: may change between sessions
   assert train.train(config, workdir)['status'] == 'done'
