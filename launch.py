@@ -5,6 +5,12 @@ r"""Command line: `python launch.py <command> --config <file>[:arg] [flags]`.
            Trains, or resumes the run in --workdir, or says it is finished.
   summary  python launch.py summary --config experiments/zoo.py:xception
            Prints the network's per-block table: shapes, params, mult-adds.
+  sweep    python launch.py sweep --config experiments/degradation.py[:arg] \
+               --workdir runs/degradation [--workers N] [--launcher local|slurm] [--dry_run]
+           Runs every member of get_sweep(arg) as its own `train` process in
+           <workdir>/<member>/, skipping members already done.
+  report   python launch.py report --workdir runs/degradation
+           Writes summary.csv and report.png for a sweep (or run) directory.
 
 Multi-host: start one process per host with --coordinator_address=host:port,
 --num_processes and --process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
@@ -21,7 +27,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-COMMANDS = ('train', 'summary')
+COMMANDS = ('train', 'summary', 'sweep', 'report')
 
 config_flags.DEFINE_config_file('config', None, 'Config file, `path.py` or `path.py:arg`.',
                                 lock_config=True)
@@ -33,6 +39,17 @@ flags.DEFINE_integer('num_processes', int(os.environ.get('JAX_NUM_PROCESSES', 1)
                      'Multi-host: number of processes.')
 flags.DEFINE_integer('process_id', int(os.environ.get('JAX_PROCESS_ID', 0)),
                      'Multi-host: this process.')
+flags.DEFINE_integer('workers', None, 'Sweep: parallel members (local launcher); default: '
+                     'one per core, at most the number of members.')
+flags.DEFINE_enum('launcher', 'local', ['local', 'slurm'], 'Sweep: where members run.')
+flags.DEFINE_bool('dry_run', False, 'Sweep: print the members and exit.')
+flags.DEFINE_string('slurm_partition', None, 'Sweep on SLURM: partition.')
+flags.DEFINE_integer('slurm_gpus', 1, 'Sweep on SLURM: GPUs per member.')
+flags.DEFINE_integer('slurm_cpus', 8, 'Sweep on SLURM: CPUs per member.')
+flags.DEFINE_integer('slurm_minutes', 240, 'Sweep on SLURM: time limit per member.')
+flags.DEFINE_integer('slurm_parallel', 64, 'Sweep on SLURM: members running at once.')
+flags.DEFINE_string('slurm_cluster', None, "Sweep: submitit's cluster; None picks SLURM when "
+                    "present, 'local' runs the same path as local processes (tests).")
 FLAGS = flags.FLAGS
 
 
@@ -82,6 +99,16 @@ def main(argv):
   command = argv[1]
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if command == 'report':
+    if not FLAGS.workdir:
+      fail('report needs --workdir')
+    from arch import analysis
+    try:
+      analysis.write_report(FLAGS.workdir)
+    except ValueError as e:
+      fail(e)
+    print(f'wrote {os.path.join(FLAGS.workdir, "summary.csv")} and report.png')
+    return
   config = load_config()
   if config is None:
     fail('--config is required')
@@ -94,7 +121,9 @@ def main(argv):
       fail(e)
     return
   if not FLAGS.workdir:
-    fail('train needs --workdir')
+    fail(f'{command} needs --workdir')
+  if command == 'sweep':
+    sys.exit(run_sweep())
   init_distributed()
   from arch import train  # imports jax: after the flags, so mistakes there fail fast
   try:
@@ -105,6 +134,36 @@ def main(argv):
     train.run(job)
   except train.Diverged as e:
     fail(e, code=1)
+
+
+def run_sweep():
+  """Returns the exit status: 0 when every member is done, 1 when any failed."""
+  from arch import sweep
+  spec = FLAGS['config'].config_filename
+  extra = config_flags.get_override_values(FLAGS['config'])
+  try:
+    members = sweep.expand(spec, extra)
+  except ValueError as e:
+    fail(e)
+  print(f'{len(members)} members of {spec} in {FLAGS.workdir}:')
+  for m in members:
+    print(f'  {m["name"]}')
+  if FLAGS.dry_run:
+    return 0
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  if FLAGS.launcher == 'local':
+    workers = FLAGS.workers or min(len(os.sched_getaffinity(0)), len(members))
+    results = sweep.run_local(spec, FLAGS.workdir, members, workers)
+  else:
+    params = dict(slurm_partition=FLAGS.slurm_partition, gpus_per_node=FLAGS.slurm_gpus,
+                  cpus_per_task=FLAGS.slurm_cpus, timeout_min=FLAGS.slurm_minutes,
+                  slurm_array_parallelism=FLAGS.slurm_parallel)
+    results = sweep.run_submitit(spec, FLAGS.workdir, members, params, FLAGS.slurm_cluster)
+  failed = {n: r for n, (status, r) in results.items() if status != 'done'}
+  print(f'sweep: {len(results) - len(failed)} of {len(results)} members done'
+        + (f', {len(failed)} failed: ' + '; '.join(f'{n}: {r}' for n, r in failed.items())
+           if failed else ''))
+  return 1 if failed else 0
 
 
 if __name__ == '__main__':

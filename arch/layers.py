@@ -29,9 +29,14 @@ def pair(v):
 
 
 def batch_norm(train, name=None, use_scale=True, epsilon=1e-5):
-  """BatchNorm in train (batch statistics) or eval (running statistics) mode."""
+  """BatchNorm in train (batch statistics) or eval (running statistics) mode.
+
+  The two-pass variance, E[(x - E[x])^2]: Flax's default one-pass form,
+  E[x^2] - E[x]^2, cancels on near-constant channels (the digits' borders), which
+  makes a run depend on the order of float sums, hence on the device count.
+  """
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon,
-                      use_scale=use_scale, name=name)
+                      use_scale=use_scale, use_fast_variance=False, name=name)
 
 
 class ConvUnit(nn.Module):

@@ -77,12 +77,15 @@ def apply_overrides(config, overrides):
   return config
 
 
-def expand(spec):
-  """The members of a sweep, each checked against the config before anything runs."""
+def expand(spec, extra=None):
+  """The members of a sweep, each checked against the config before anything runs.
+
+  `extra` are overrides given on the sweep's command line, applied to every member.
+  """
   path, arg = split_spec(spec)
   module = load_experiment(path)
   config = module.get_config(arg)
-  members = module.get_sweep(arg)
+  members = [{**(extra or {}), **m} for m in module.get_sweep(arg)]
   names = [member_name(m) for m in members]
   if len(set(names)) != len(names):
     raise ValueError(f'sweep {spec!r} has duplicate members')

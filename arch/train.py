@@ -58,6 +58,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import arch
 from arch import data as data_lib
+from arch import diagnostics
 from arch import optim
 from arch import runfiles
 
@@ -183,7 +184,7 @@ def make_functions(job, tx, schedule):
     def loss_fn(params):
       logits, updates = model.apply(
           {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
-          mutable=['batch_stats'], rngs={'dropout': dropout_key})
+          mutable=['batch_stats', 'intermediates'], rngs={'dropout': dropout_key})
       targets = optax.smooth_labels(jax.nn.one_hot(y, logits.shape[-1]), config.label_smoothing)
       loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
       return loss, (logits, updates)
@@ -194,7 +195,8 @@ def make_functions(job, tx, schedule):
         step=state.step + 1, params=optax.apply_updates(state.params, param_updates),
         batch_stats=updates.get('batch_stats', state.batch_stats), opt_state=opt_state)
     metrics = dict(loss=loss, error=jnp.mean(jnp.argmax(logits, -1) != y),
-                   lr=schedule(state.step))
+                   lr=schedule(state.step),
+                   blocks=diagnostics.block_stats(grads, updates.get('intermediates', {})))
     return new_state, metrics
 
   def eval_step(params, batch_stats, images, labels, start, stop):
@@ -236,10 +238,10 @@ def run(job):
   config, workdir = job.config, job.workdir
   lead = jax.process_index() == 0
   paths = {name: os.path.join(workdir, name) for name in
-           ('config.json', 'metrics.jsonl', 'summary.json', 'checkpoints')}
+           ('config.json', 'metrics.jsonl', 'diagnostics.jsonl', 'summary.json', 'checkpoints')}
   if lead and job.restart:
     shutil.rmtree(paths['checkpoints'], ignore_errors=True)
-    for name in ('config.json', 'metrics.jsonl', 'summary.json'):
+    for name in ('config.json', 'metrics.jsonl', 'diagnostics.jsonl', 'summary.json'):
       _remove(paths[name])
   if lead:
     os.makedirs(workdir, exist_ok=True)
@@ -284,6 +286,7 @@ def run(job):
   if lead:
     runfiles.write_json(paths['config.json'], config_json(config))
     kept = _truncate_metrics(paths['metrics.jsonl'], start)
+    _truncate_metrics(paths['diagnostics.jsonl'], start)
     for line in kept:  # the last evaluation before the checkpoint
       if 'split' in line:
         summary.update({f'{line["split"]}_loss': line['loss'], f'{line["split"]}_error': line['error']})
@@ -315,6 +318,7 @@ def run(job):
   for step in range(start + 1, stop + 1):
     state, metrics = train_step(state, images, labels)
     pending.append((step, metrics))
+    last_metrics = metrics
     bar.update()
     log = step % config.log_every == 0 or step == config.num_steps
     do_eval = step % config.eval_every == 0 or step == config.num_steps
@@ -326,7 +330,7 @@ def run(job):
     if step_mark > start or step == stop:  # the session's first interval includes compiling
       train_time, train_steps = train_time + now - t_mark, train_steps + step - step_mark
     if log:
-      values = _host([m for _, m in pending])
+      values = _host([{k: v for k, v in m.items() if k != 'blocks'} for _, m in pending])
       line = dict(step=step, loss=float(np.mean([v['loss'] for v in values])),
                   error=float(np.mean([v['error'] for v in values])), lr=float(values[-1]['lr']),
                   steps_per_s=round((step - step_mark) / max(now - t_mark, 1e-9), 3))
@@ -338,6 +342,8 @@ def run(job):
       _append(paths['metrics.jsonl'],
               [dict(step=step, split=s, **r) for s, r in results.items()], lead)
       write_summary(**{f'{s}_{k}': v for s, r in results.items() for k, v in r.items()})
+      _append(paths['diagnostics.jsonl'],
+              diagnostics.lines(step, _host(last_metrics['blocks'])), lead)
     if save:
       manager.save(step, args=ocp.args.StandardSave(state))
       write_summary(step=step)

@@ -15,6 +15,8 @@ import ast
 import ml_collections
 from ml_collections import config_dict
 
+from arch import sweep
+
 
 def digits(config):
   """8x8 digits, no download: the default, small enough for a CPU."""
@@ -111,8 +113,18 @@ def apply_overrides(config, overrides):
 
 def get_config(arg=''):
   preset, overrides = parse_arg(arg)
+  overrides.pop('seeds', None)  # a sweep-only key, read by get_sweep
   config = base_config()
   PRESETS[preset](config)
   apply_overrides(config, overrides)
   config.lock()
   return config
+
+
+def get_sweep(arg=''):
+  """Depths 20, 32, 44, 56 (plus 110 for cifar10), plain and option A; `seeds=3`
+  adds seeds 1 and 2. Deepest first, so parallel workers finish together."""
+  preset, overrides = parse_arg(arg)
+  depths = (110, 56, 44, 32, 20) if preset == 'cifar10' else (56, 44, 32, 20)
+  return sweep.product(**{'model.depth': depths, 'model.shortcut': ['none', 'A'],
+                          'seed': list(range(overrides.get('seeds', 1)))})
