@@ -104,6 +104,17 @@ def member_status(workdir):
   return runfiles.read_json(os.path.join(workdir, 'summary.json')).get('status', 'pending')
 
 
+def member_env(sweep_dir):
+  """The members of a sweep share a persistent compilation cache, so a repeated
+  architecture (another seed, a rerun) does not compile again; even small
+  programs are cached. An explicit JAX_COMPILATION_CACHE_DIR wins."""
+  env = dict(os.environ)
+  env.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(sweep_dir, 'jax_cache'))
+  env.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  env.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+  return env
+
+
 def run_member(spec, workdir, overrides, cores=None):
   """Runs one member to completion; returns (status, reason). Used locally and by submitit."""
   log = os.path.join(workdir, 'train.log')
@@ -111,7 +122,8 @@ def run_member(spec, workdir, overrides, cores=None):
   preexec = (lambda: os.sched_setaffinity(0, cores)) if cores else None
   with open(log, 'a') as out:
     proc = subprocess.run(train_command(spec, workdir, overrides), stdout=out,
-                          stderr=subprocess.STDOUT, preexec_fn=preexec, cwd=ROOT)
+                          stderr=subprocess.STDOUT, preexec_fn=preexec, cwd=ROOT,
+                          env=member_env(os.path.dirname(os.path.abspath(workdir))))
   summary = runfiles.read_json(os.path.join(workdir, 'summary.json'))
   if proc.returncode == 0 and summary.get('status') == 'done':
     return 'done', None
