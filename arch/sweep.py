@@ -80,13 +80,16 @@ def apply_overrides(config, overrides):
 def expand(spec, extra=None):
   """The members of a sweep, each checked against the config before anything runs.
 
-  `extra` are overrides given on the sweep's command line, applied to every member.
+  `extra` are overrides given on the sweep's command line: applied to every
+  member but not part of its name, so a rerun with other extras meets runs
+  with a different config and refuses them rather than mixing results.
   """
   path, arg = split_spec(spec)
   module = load_experiment(path)
   config = module.get_config(arg)
-  members = [{**(extra or {}), **m} for m in module.get_sweep(arg)]
-  names = [member_name(m) for m in members]
+  own = module.get_sweep(arg)
+  names = [member_name(m) for m in own]
+  members = [{**(extra or {}), **m} for m in own]
   if len(set(names)) != len(names):
     raise ValueError(f'sweep {spec!r} has duplicate members')
   for overrides in members:
