@@ -19,7 +19,16 @@ from arch import sweep
 
 
 def digits(config):
-  """8x8 digits, no download: the default, small enough for a CPU."""
+  """8x8 digits, no download: the default, small enough for a CPU sweep.
+
+  The recipe is the paper's scaled down: SGD, momentum 0.9, weight decay 1e-4,
+  lr 0.1 divided by 10 at 50% and 75% of training, but batch 64 and 500 steps
+  (~22 epochs of the 1437 training digits), and 30 steps of linear warmup. The
+  warmup is what lets ResNet-56 start at lr 0.1 (the paper warms up ResNet-110
+  for the same reason); without it ResNet-56 still has 17% training error after
+  400 steps, while with it both residual nets reach < 1% and the plain-56 stays
+  near chance.
+  """
   del config  # the base config is the digits one
 
 
@@ -28,6 +37,7 @@ def fashion_mnist(config):
   config.model.input_shape = (28, 28, 1)
   config.data.name = 'fashion_mnist'
   config.data.augment = ml_collections.ConfigDict(dict(crop_pad=2, flip=True))
+  config.batch_size = 128
   config.num_steps = 15_000
   config.schedule.boundaries = (7_500, 11_250)
   config.log_every, config.eval_every, config.checkpoint_every = 100, 1_000, 1_000
@@ -40,6 +50,8 @@ def cifar10(config):
   config.model.input_shape = (32, 32, 3)
   config.data.name = 'cifar10'
   config.data.augment = ml_collections.ConfigDict(dict(crop_pad=4, flip=True))
+  config.batch_size = 128
+  config.schedule.warmup_steps = 0  # the paper warms up only ResNet-110: schedule.warmup_steps=400
   config.num_steps = 64_000
   config.schedule.boundaries = (32_000, 48_000)
   config.log_every, config.eval_every, config.checkpoint_every = 100, 2_000, 2_000
@@ -61,17 +73,18 @@ def base_config():
       holdout=0,  # training images moved to a 'val' split
       augment=ml_collections.ConfigDict(dict(crop_pad=1, flip=False)),  # digits: no flip
   ))
-  c.batch_size = 128
+  c.batch_size = 64
   c.eval_batch_size = 512
-  c.num_steps = 2_000  # ~180 epochs of the 1437 training digits
+  # The digits recipe (see digits() above): 500 steps of batch 64, ~22 epochs.
+  c.num_steps = 500
   c.optimizer = ml_collections.ConfigDict(dict(
       name='sgd', momentum=0.9, nesterov=False, weight_decay=1e-4))
   c.schedule = ml_collections.ConfigDict(dict(
-      name='piecewise', lr=0.1, warmup_steps=0, boundaries=(1_000, 1_500), factor=0.1))
+      name='piecewise', lr=0.1, warmup_steps=30, boundaries=(250, 375), factor=0.1))
   c.label_smoothing = 0.0
   c.log_every = 20
-  c.eval_every = 500
-  c.checkpoint_every = 500
+  c.eval_every = 100
+  c.checkpoint_every = 250
   c.keep_checkpoints = 3
   # Run control, not part of the experiment: stop (resumably) after this step.
   c.stop_after = config_dict.placeholder(int)
