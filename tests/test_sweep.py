@@ -18,10 +18,10 @@ spec = importlib.util.spec_from_file_location('degradation', {DEGRADATION!r})
 degradation = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(degradation)
 
-def get_config(arg):
+def get_config(arg=''):
   return degradation.get_config({TINY!r})
 
-def get_sweep(arg):
+def get_sweep(arg=''):
   members = [{{'model.depth': d, 'model.shortcut': s}} for d in (8, 14) for s in ('none', 'A')]
   if arg == 'with_failure':
     members.append({{'model.depth': 8, 'model.shortcut': 'A', 'schedule.lr': 1e30}})
