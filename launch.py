@@ -17,7 +17,20 @@ Multi-host: start one process per host with --coordinator_address=host:port,
 JAX_PROCESS_ID); on CPU the processes talk through gloo.
 
 Mistakes in the input (config, data set, workdir) print one line, `error: ...`,
-and exit with status 2; a run whose loss diverges exits with status 1.
+and exit with status 2, before anything is written. `train` exits with
+  0   done, or stopped by --config.stop_after (rerun to go on);
+  1   failed: the loss diverged, or the run directory cannot be read or written
+      (a full disk, no valid checkpoint); the last valid checkpoint is kept;
+  2   a mistake in the input;
+  3   another live process trains in --workdir (its run.lock); nothing touched;
+  75  stopped by SIGTERM (a preemption notice) or SIGINT after saving a
+      checkpoint: rerun to resume.
+A run killed in any other way resumes from its last checkpoint when rerun, to
+exactly the result it would have had.
+
+A sweep runs only its members not yet done; one that another live process
+trains (a second launcher on the same directory) is waited for, not run twice.
+Its members stop with it: killed, it leaves each of them checkpointed.
 """
 import os
 import sys
@@ -59,10 +72,15 @@ def fail(message, code=2):
 
 
 def parse_flags(argv):
-  """absl's parsing, with every mistake reported as one line."""
+  """absl's parsing, with every mistake reported as one line. It loads the --config
+  file and calls its get_config, so mistakes in the file surface here too."""
   try:
     return FLAGS(argv)
+  except SyntaxError as e:
+    fail(f'--config file {e.filename} has a syntax error at line {e.lineno}: {e.msg}')
   except (AttributeError, KeyError) as e:  # config_flags: an override of a key that is not there
+    if "attribute 'get_config'" in str(e):
+      fail(f'--config file {config_file(argv)} defines no get_config(arg)')
     key = str(e).strip('"\'')
     given = [a.split('=')[0] for a in argv if a.startswith('--config.')
              and key in a.split('=')[0].split('.')]
@@ -71,6 +89,17 @@ def parse_flags(argv):
     lines = [l for l in str(e).splitlines() if l.strip()]
     # An exception inside get_config arrives with its traceback; keep its last line.
     fail(lines[0] if len(lines) == 1 else f'{lines[0]} {lines[-1]}')
+  except Exception as e:  # raised by the file's get_config
+    fail(f'--config {config_file(argv)}: get_config raised {type(e).__name__}: {e}')
+
+
+def config_file(argv):
+  for i, a in enumerate(argv):
+    if a.startswith('--config='):
+      return a.split('=', 1)[1].split(':')[0]
+    if a == '--config' and i + 1 < len(argv):
+      return argv[i + 1].split(':')[0]
+  return None
 
 
 def load_config():
@@ -125,15 +154,26 @@ def main(argv):
   if command == 'sweep':
     sys.exit(run_sweep())
   init_distributed()
+  from arch import runfiles
   from arch import train  # imports jax: after the flags, so mistakes there fail fast
   try:
     job = train.prepare(config, FLAGS.workdir, restart=FLAGS.restart)
+  except runfiles.Locked as e:
+    fail(e, runfiles.EXIT_LOCKED)
   except ValueError as e:
-    fail(e)
+    fail(e, runfiles.EXIT_BAD_INPUT)
   try:
     train.run(job)
-  except train.Diverged as e:
-    fail(e, code=1)
+  except runfiles.Locked as e:  # taken between prepare's look and run
+    fail(e, runfiles.EXIT_LOCKED)
+  except train.Interrupted as e:
+    print(f'interrupted: {e}', file=sys.stderr)
+    sys.exit(runfiles.EXIT_INTERRUPTED)
+  except train.RunError as e:
+    fail(e, runfiles.EXIT_FAILED)
+  except OSError as e:  # writing metrics or summary: a full or read-only disk
+    fail(f'cannot write {e.filename or FLAGS.workdir}: {e.strerror or e}; the last checkpoint '
+         f'is intact, rerun to resume from it', runfiles.EXIT_FAILED)
 
 
 def run_sweep():
@@ -159,11 +199,12 @@ def run_sweep():
                   cpus_per_task=FLAGS.slurm_cpus, timeout_min=FLAGS.slurm_minutes,
                   slurm_array_parallelism=FLAGS.slurm_parallel)
     results = sweep.run_submitit(spec, FLAGS.workdir, members, params, FLAGS.slurm_cluster)
-  failed = {n: r for n, (status, r) in results.items() if status != 'done'}
-  print(f'sweep: {len(results) - len(failed)} of {len(results)} members done'
-        + (f', {len(failed)} failed: ' + '; '.join(f'{n}: {r}' for n, r in failed.items())
-           if failed else ''))
-  return 1 if failed else 0
+  rest = {n: (status, r) for n, (status, r) in results.items() if status != 'done'}
+  print(f'sweep: {len(results) - len(rest)} of {len(results)} members done'
+        + ''.join(f'; {n} {status}: {r}' for n, (status, r) in rest.items())
+        + ('; rerun to resume the interrupted' if any(s == 'interrupted' for s, _ in rest.values())
+           else ''))
+  return 1 if rest else 0
 
 
 if __name__ == '__main__':

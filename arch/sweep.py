@@ -3,15 +3,25 @@
 A member is a dict of dotted config overrides, e.g. {'model.depth': 56, 'seed': 1}.
 It runs as `launch.py train` in `<workdir>/<member name>/`, so a sweep is nothing
 but many ordinary runs, and a rerun skips every member whose summary says done.
+
+Faults: a member that another live process holds (its run.lock: a second
+launcher on the same sweep directory, or a member a killed launcher left
+running) is waited for, not run, and then skipped when done or resumed here;
+launchers take unlocked members first. So two launchers never run a member
+twice, and both finish with every member done. Locally, each member gets
+SIGTERM when its launcher dies, so a killed sweep leaves its members
+checkpointed (exit status 75) rather than training on unseen.
 """
 import concurrent.futures
+import ctypes
 import importlib.util
 import itertools
-import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 from arch import runfiles
 
@@ -56,6 +66,8 @@ def load_experiment(path):
     spec.loader.exec_module(module)
   except SyntaxError as e:
     raise ValueError(f'experiment file {path!r} has a syntax error at line {e.lineno}: {e.msg}')
+  except Exception as e:
+    raise ValueError(f'experiment file {path!r} failed to import: {type(e).__name__}: {e}')
   for fn in ('get_config', 'get_sweep'):
     if not callable(getattr(module, fn, None)):
       raise ValueError(f'experiment file {path!r} defines no {fn}(arg)')
@@ -73,7 +85,10 @@ def apply_overrides(config, overrides):
       node = node[part]
     if leaf not in node:
       raise ValueError(f'sweep key {key!r}: the config has no {leaf!r}')
-    node[leaf] = value
+    try:
+      node[leaf] = value
+    except TypeError as e:  # ml_collections keeps each field's type
+      raise ValueError(f'sweep key {key!r}={value!r}: {e}') from None
   return config
 
 
@@ -86,8 +101,11 @@ def expand(spec, extra=None):
   """
   path, arg = split_spec(spec)
   module = load_experiment(path)
-  config = module.get_config(arg)
-  own = module.get_sweep(arg)
+  try:
+    config = module.get_config(arg)
+    own = module.get_sweep(arg)
+  except Exception as e:  # a bug in the experiment file: one line, naming it
+    raise ValueError(f'{spec}: {type(e).__name__}: {e}') from None
   names = [member_name(m) for m in own]
   members = [{**(extra or {}), **m} for m in own]
   if len(set(names)) != len(names):
@@ -104,7 +122,10 @@ def train_command(spec, workdir, overrides):
 
 
 def member_status(workdir):
-  return runfiles.read_json(os.path.join(workdir, 'summary.json')).get('status', 'pending')
+  try:
+    return runfiles.read_json(os.path.join(workdir, 'summary.json')).get('status', 'pending')
+  except ValueError:  # corrupt: the member's own run says so when it starts
+    return 'unreadable'
 
 
 def member_env(sweep_dir):
@@ -118,20 +139,57 @@ def member_env(sweep_dir):
   return env
 
 
-def run_member(spec, workdir, overrides, cores=None):
-  """Runs one member to completion; returns (status, reason). Used locally and by submitit."""
+def run_member(spec, workdir, overrides, cores=None, wait=True, poll_s=0.5):
+  """Runs one member to completion; returns (status, reason), status 'done',
+  'failed', or 'interrupted' (by a signal, after a checkpoint: a rerun resumes it).
+  A member another live process holds is waited for, or with `wait=False` left
+  to it: ('busy', None). Used locally and by submitit."""
   log = os.path.join(workdir, 'train.log')
   os.makedirs(workdir, exist_ok=True)
-  preexec = (lambda: os.sched_setaffinity(0, cores)) if cores else None
-  with open(log, 'a') as out:
-    proc = subprocess.run(train_command(spec, workdir, overrides), stdout=out,
-                          stderr=subprocess.STDOUT, preexec_fn=preexec, cwd=ROOT,
-                          env=member_env(os.path.dirname(os.path.abspath(workdir))))
-  summary = runfiles.read_json(os.path.join(workdir, 'summary.json'))
-  if proc.returncode == 0 and summary.get('status') == 'done':
+  parent = os.getpid()
+  while True:
+    while runfiles.lock_holder(workdir):
+      if not wait:
+        return 'busy', None
+      time.sleep(poll_s)
+    if member_status(workdir) == 'done':
+      return 'done', None
+    with open(log, 'a') as out:
+      proc = subprocess.run(train_command(spec, workdir, overrides), stdout=out,
+                            stderr=subprocess.STDOUT, preexec_fn=lambda: _in_child(cores, parent),
+                            cwd=ROOT, env=member_env(os.path.dirname(os.path.abspath(workdir))))
+    if proc.returncode != runfiles.EXIT_LOCKED:  # else taken since we looked: wait again
+      break
+  status = member_status(workdir)
+  if proc.returncode == 0 and status == 'done':
     return 'done', None
-  reason = summary.get('reason') or last_line(log) or f'exit code {proc.returncode}'
+  try:
+    reason = runfiles.read_json(os.path.join(workdir, 'summary.json')).get('reason')
+  except ValueError:
+    reason = None
+  reason = reason or last_line(log) or f'exit code {proc.returncode}'
+  if proc.returncode == runfiles.EXIT_INTERRUPTED or proc.returncode < 0:
+    return 'interrupted', reason
   return 'failed', reason
+
+
+try:
+  _prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not after fork
+except (OSError, AttributeError):  # not Linux
+  _prctl = None
+PR_SET_PDEATHSIG = 1
+
+
+def _in_child(cores, parent):
+  """Before exec, in the member's process: pin it to `cores`, and have Linux send
+  it SIGTERM when the launcher's thread that started it dies (and again as it
+  passes to each other thread that dies with the launcher: train ignores repeats)."""
+  if cores:
+    os.sched_setaffinity(0, cores)
+  if _prctl is not None:
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the launcher died before that
+      os.kill(os.getpid(), signal.SIGTERM)
 
 
 def last_line(path):
@@ -177,40 +235,52 @@ class SweepRecord:
 
 
 def run_local(spec, workdir, members, workers, progress=True):
-  """Runs the members not yet done with `workers` processes; returns {name: (status, reason)}."""
+  """Runs the members not yet done with `workers` processes; returns {name: (status, reason)}.
+
+  Each worker takes the next member that no other live process holds; one that
+  another process takes first goes back in the queue; when every member left is
+  held, the worker waits for one of them (run_member)."""
   from tqdm import tqdm
   record = SweepRecord(workdir, spec, members)
   todo = [m for m in members if member_status(os.path.join(workdir, m['name'])) != 'done']
   results = {m['name']: ('done', None) for m in members if m not in todo}
   for name in results:
     record.set(name, 'done')
-  slots = core_slots(workers)
-  free = list(range(workers))
-  free_lock = threading.Lock()
-
-  def work(member):
-    with free_lock:
-      slot = free.pop()
-    try:
-      record.set(member['name'], 'running')
-      status, reason = run_member(spec, os.path.join(workdir, member['name']),
-                                  member['overrides'], slots[slot])
-    finally:
-      with free_lock:
-        free.append(slot)
-    record.set(member['name'], status, reason)
-    return member['name'], status, reason
-
+  lock = threading.Lock()
   bar = tqdm(total=len(members), initial=len(results), desc='sweep', unit='run',
              disable=not progress)
+
+  def take():
+    """(the next member or None when none is left, whether to wait for it)."""
+    with lock:
+      free = [m for m in todo if not runfiles.lock_holder(os.path.join(workdir, m['name']))]
+      member = (free or todo or [None])[0]
+      if member:
+        todo.remove(member)
+      return member, not free
+
+  def work(cores):
+    while True:
+      member, wait = take()
+      if member is None:
+        return
+      record.set(member['name'], 'running')
+      status, reason = run_member(spec, os.path.join(workdir, member['name']),
+                                  member['overrides'], cores, wait=wait)
+      if status == 'busy':  # another launcher took it first: back in the queue
+        with lock:
+          todo.append(member)
+        continue
+      record.set(member['name'], status, reason)
+      with lock:
+        results[member['name']] = (status, reason)
+        bar.update()
+        if status != 'done':
+          bar.write(f'member {member["name"]} {status}: {reason}')
+
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    for name, status, reason in map(lambda f: f.result(),
-                                    concurrent.futures.as_completed(
-                                        [pool.submit(work, m) for m in todo])):
-      results[name] = (status, reason)
-      bar.update()
-      if status != 'done':
-        bar.write(f'member {name} failed: {reason}')
+    for future in [pool.submit(work, cores) for cores in core_slots(workers)]:
+      future.result()
   bar.close()
   return results
 

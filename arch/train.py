@@ -17,8 +17,24 @@ Run directory (a contract: sweeps, notebooks and reports read it):
                  val_error), train_loss, test_loss, ...; params, macs (mult-adds
                  per example), step, num_steps, wall_s (all sessions),
                  steps_per_s, device kind and count, jax and flax versions.
-  checkpoints/   orbax, the latest `keep_checkpoints`.
-JSON files are replaced atomically (arch/runfiles.py).
+  checkpoints/   orbax, the latest `keep_checkpoints`, each with the CRC32 of
+                 its arrays in orbax's step metadata.
+  run.lock       while a process trains the run (arch/runfiles.py); a second
+                 one is refused.
+  checkpoints.corrupt/  checkpoints that failed to restore, moved aside.
+JSON files are replaced atomically and JSON lines appended in one write
+(arch/runfiles.py).
+
+Faults: a run killed at any moment resumes, on rerun, to exactly the result it
+would have had. A checkpoint is committed by orbax's atomic rename, and the
+metrics after the checkpoint a run resumes from are dropped, so every step has
+its lines exactly once. SIGTERM (a preemption notice) or SIGINT finishes the
+step, saves a checkpoint and raises `Interrupted`; a second SIGINT stops at once.
+The newest checkpoint that does not restore, or whose arrays do not match their
+CRC32 (orbax does not checksum array data: a flipped bit restores silently), is
+moved aside with a warning naming its step, and the run resumes from the one
+before; with none valid the run stops with `RunError` rather than start over on
+top of its results.
 
 Parallelism: `jax.jit` over a 1-D mesh of all devices, axis 'data'. The batch is
 sharded over 'data'; parameters, optimizer state and the data set are
@@ -37,12 +53,20 @@ Exact resume: the state (params, BN statistics, optimizer state, step, RNG) is
 checkpointed, and batch, augmentation and dropout of step s depend only on
 (seed, s), so a resumed run runs the same programs on the same inputs.
 """
+import asyncio
+import contextlib
 import dataclasses
+import errno
+import gc
 import json
 import os
 import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
+import zlib
 from typing import Any
 
 import flax
@@ -74,8 +98,16 @@ class TrainState(flax.struct.PyTreeNode):
   rng: jax.Array     # uint32 key data, so checkpoints hold plain arrays
 
 
-class Diverged(RuntimeError):
+class RunError(RuntimeError):
+  """The run cannot go on: its directory cannot be read or written as it must."""
+
+
+class Diverged(RunError):
   """The training loss became NaN or infinite."""
+
+
+class Interrupted(RuntimeError):
+  """SIGTERM or SIGINT stopped the run after it saved a checkpoint; rerun to resume."""
 
 
 @dataclasses.dataclass
@@ -106,6 +138,7 @@ def prepare(config, workdir, restart=False, devices=None):
     if config[key] % len(devices):
       raise ValueError(f'{key}={config[key]} does not divide evenly over {len(devices)} devices')
   optim.make_optimizer(config.optimizer, optim.make_schedule(config.schedule, config.num_steps))
+  _check_workdir(workdir)
   if not restart:
     _check_same_config(config, workdir)
   data = data_lib.load(config.data)
@@ -129,8 +162,29 @@ def config_json(config):
   return json.loads(config.to_json_best_effort())
 
 
+def _check_workdir(workdir):
+  """Another live process on it, or no way to write it, is refused before any compute."""
+  holder = runfiles.lock_holder(workdir)
+  if holder:
+    raise runfiles.Locked(workdir, holder)
+  folder = os.path.abspath(workdir)
+  while not os.path.exists(folder):
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise ValueError(f'--workdir {workdir}: {folder} is a file, not a folder')
+  try:  # os.access would miss a full or read-only disk for root
+    with tempfile.TemporaryFile(dir=folder):
+      pass
+  except OSError as e:
+    raise ValueError(f'--workdir {workdir} is not writable: {folder}: {e.strerror}') from None
+
+
 def _check_same_config(config, workdir):
-  old = runfiles.read_json(os.path.join(workdir, 'config.json'))
+  try:
+    runfiles.read_json(os.path.join(workdir, 'summary.json'))
+    old = runfiles.read_json(os.path.join(workdir, 'config.json'))
+  except ValueError as e:
+    raise ValueError(f'{e}; pass --restart to discard the run or choose another --workdir')
   if not old:
     return
   old, new = _flatten(old), _flatten(config_json(config))
@@ -235,37 +289,47 @@ def evaluate(eval_step, state, images, labels, job):
 # ---- The loop. ------------------------------------------------------------------
 
 def run(job):
-  config, workdir = job.config, job.workdir
+  """Trains under the workdir's lock (process 0 holds it), with SIGTERM and SIGINT
+  turned into a checkpoint and `Interrupted`."""
   lead = jax.process_index() == 0
+  if lead:
+    os.makedirs(job.workdir, exist_ok=True)
+  with runfiles.lock(job.workdir) if lead else contextlib.nullcontext(), _StopSignals() as signals:
+    return _run(job, lead, signals)
+
+
+def _run(job, lead, signals):
+  config, workdir = job.config, job.workdir
   paths = {name: os.path.join(workdir, name) for name in
-           ('config.json', 'metrics.jsonl', 'diagnostics.jsonl', 'summary.json', 'checkpoints')}
+           ('config.json', 'metrics.jsonl', 'diagnostics.jsonl', 'summary.json', 'checkpoints',
+            'checkpoints.corrupt')}
   if lead and job.restart:
-    shutil.rmtree(paths['checkpoints'], ignore_errors=True)
+    for name in ('checkpoints', 'checkpoints.corrupt'):
+      shutil.rmtree(paths[name], ignore_errors=True)
     for name in ('config.json', 'metrics.jsonl', 'diagnostics.jsonl', 'summary.json'):
       _remove(paths[name])
-  if lead:
-    os.makedirs(workdir, exist_ok=True)
   _sync('workdir')
+  previous = runfiles.read_json(paths['summary.json'])
   manager = ocp.CheckpointManager(
       os.path.abspath(paths['checkpoints']),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
-                                           enable_async_checkpointing=False))
-  start = manager.latest_step() or 0
-  if start >= config.num_steps:
+                                           enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=True))  # saves cut by kills
+  if (manager.latest_step() or 0) >= config.num_steps and previous.get('status') == 'done':
     if lead:
-      print(f'{workdir}: already finished (step {start} of {config.num_steps}); nothing to do')
+      print(f'{workdir}: already finished (step {manager.latest_step()} of {config.num_steps}); '
+            f'nothing to do')
     manager.close()
-    return runfiles.read_json(paths['summary.json'])
+    return previous
 
   schedule = optim.make_schedule(config.schedule, config.num_steps)
   tx = optim.make_optimizer(config.optimizer, schedule)
   init, train_step, eval_step = make_functions(job, tx, schedule)
-  if start:
-    replicated = NamedSharding(job.mesh, P())
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                            jax.eval_shape(init))
-    state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
-  else:
+  replicated = NamedSharding(job.mesh, P())
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          jax.eval_shape(init))
+  start, state = _restore(manager, abstract, previous.get('step', 0), paths, lead)
+  if state is None:
     # Parameters are replicated, so a partitionable RNG buys nothing here, and
     # XLA:CPU compiles the non-partitionable threefry about 4x faster.
     with jax.threefry_partitionable(False):
@@ -281,7 +345,7 @@ def run(job):
       device_kind=jax.devices()[0].device_kind, device_count=job.mesh.size,
       process_count=jax.process_count(), jax_version=jax.__version__,
       flax_version=flax.__version__)
-  wall_before = runfiles.read_json(paths['summary.json']).get('wall_s', 0.0) if start else 0.0
+  wall_before = previous.get('wall_s', 0.0) if start else 0.0
   t_session = time.perf_counter()
   if lead:
     runfiles.write_json(paths['config.json'], config_json(config))
@@ -309,55 +373,200 @@ def run(job):
     for step, m in pending:
       loss = float(_host(m['loss']))
       if not np.isfinite(loss):
-        reason = f'loss is {loss} at step {step}'
+        last = manager.latest_step()
+        reason = (f'loss is {loss} at step {step}; last good checkpoint: '
+                  + (f'step {last}' if last else 'none'))
         write_summary(status='failed', reason=reason)
         bar.close()
         manager.close()
         raise Diverged(f'{reason}; stopped (summary.json says failed)')
 
-  for step in range(start + 1, stop + 1):
-    state, metrics = train_step(state, images, labels)
-    pending.append((step, metrics))
-    last_metrics = metrics
-    bar.update()
-    log = step % config.log_every == 0 or step == config.num_steps
-    do_eval = step % config.eval_every == 0 or step == config.num_steps
-    save = step % config.checkpoint_every == 0 or step == stop
-    if not (log or do_eval or save):
-      continue
-    check_finite()  # waits for the step: the timing below is real
-    now = time.perf_counter()
-    if step_mark > start or step == stop:  # the session's first interval includes compiling
-      train_time, train_steps = train_time + now - t_mark, train_steps + step - step_mark
-    if log:
-      values = _host([{k: v for k, v in m.items() if k != 'blocks'} for _, m in pending])
-      line = dict(step=step, loss=float(np.mean([v['loss'] for v in values])),
-                  error=float(np.mean([v['error'] for v in values])), lr=float(values[-1]['lr']),
-                  steps_per_s=round((step - step_mark) / max(now - t_mark, 1e-9), 3))
-      _append(paths['metrics.jsonl'], [line], lead)
-      bar.set_postfix(loss=f'{line["loss"]:.4f}', refresh=False)
-      pending = []
-    if do_eval:
-      results = evaluate(eval_step, state, images, labels, job)
-      _append(paths['metrics.jsonl'],
-              [dict(step=step, split=s, **r) for s, r in results.items()], lead)
-      write_summary(**{f'{s}_{k}': v for s, r in results.items() for k, v in r.items()})
-      _append(paths['diagnostics.jsonl'],
-              diagnostics.lines(step, _host(last_metrics['blocks'])), lead)
-    if save:
-      manager.save(step, args=ocp.args.StandardSave(state))
-      write_summary(step=step)
-    t_mark, step_mark = time.perf_counter(), step
-  bar.close()
+  stopping = False
+  try:
+    for step in range(start + 1, stop + 1):
+      state, metrics = train_step(state, images, labels)
+      pending.append((step, metrics))
+      last_metrics = metrics
+      bar.update()
+      log = step % config.log_every == 0 or step == config.num_steps
+      do_eval = step % config.eval_every == 0 or step == config.num_steps
+      stopping = signals.received is not None
+      if jax.process_count() > 1:  # all processes stop at the same step, or none
+        boundary = log or do_eval or step % config.checkpoint_every == 0
+        stopping = boundary and _any_process(stopping)
+      save = step % config.checkpoint_every == 0 or step == stop or stopping
+      if not (log or do_eval or save):
+        continue
+      check_finite()  # waits for the step: the timing below is real
+      now = time.perf_counter()
+      if step_mark > start or step == stop:  # the session's first interval includes compiling
+        train_time, train_steps = train_time + now - t_mark, train_steps + step - step_mark
+      if log:
+        values = _host([{k: v for k, v in m.items() if k != 'blocks'} for _, m in pending])
+        line = dict(step=step, loss=float(np.mean([v['loss'] for v in values])),
+                    error=float(np.mean([v['error'] for v in values])), lr=float(values[-1]['lr']),
+                    steps_per_s=round((step - step_mark) / max(now - t_mark, 1e-9), 3))
+        _append(paths['metrics.jsonl'], [line], lead)
+        bar.set_postfix(loss=f'{line["loss"]:.4f}', refresh=False)
+        pending = []
+      if do_eval:
+        results = evaluate(eval_step, state, images, labels, job)
+        _append(paths['metrics.jsonl'],
+                [dict(step=step, split=s, **r) for s, r in results.items()], lead)
+        write_summary(**{f'{s}_{k}': v for s, r in results.items() for k, v in r.items()})
+        _append(paths['diagnostics.jsonl'],
+                diagnostics.lines(step, _host(last_metrics['blocks'])), lead)
+      if save:
+        _save(manager, step, state, paths['checkpoints'])
+        write_summary(step=step)
+      t_mark, step_mark = time.perf_counter(), step
+      if stopping:
+        stop = step
+        break
+  finally:  # before a failure's message, so that it is the last line
+    bar.close()
   manager.wait_until_finished()
   manager.close()
 
-  done = stop == config.num_steps
+  done = stop == config.num_steps and not stopping
   write_summary(status='done' if done else 'running', step=stop,
-                steps_per_s=round(train_steps / max(train_time, 1e-9), 3))
+                steps_per_s=round(train_steps / max(train_time, 1e-9), 3) if train_steps
+                else previous.get('steps_per_s', 0.0))
+  if stopping:
+    raise Interrupted(f'{signals.received or "another process"} at step {stop}: saved a '
+                      f'checkpoint; rerun to resume -> {workdir}')
   if lead:
     print(one_line(summary, workdir, done))
   return summary
+
+
+class _StopSignals:
+  """SIGTERM (a preemption notice) and SIGINT set `received` for the loop to save
+  a checkpoint after the current step and stop. A second SIGINT (Ctrl-C twice)
+  acts at once; a second SIGTERM is ignored: preemption ends the grace period
+  with SIGKILL, and Linux may repeat a parent-death signal (arch/sweep.py). Only
+  the main thread can take signals; elsewhere this is a no-op."""
+
+  def __enter__(self):
+    self.received, self.previous = None, {}
+    if threading.current_thread() is threading.main_thread():
+      self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    return self
+
+  def _handle(self, signum, frame):
+    if self.received is None:
+      self.received = signal.Signals(signum).name
+    elif signum == signal.SIGINT:
+      signal.signal(signum, self.previous[signum] or signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+
+  def __exit__(self, *exc):
+    for s, handler in self.previous.items():
+      signal.signal(s, handler or signal.SIG_DFL)
+
+
+def _any_process(flag):
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def checksum(state):
+  """CRC32 of the bytes of every array of `state`, in tree order, as 8 hex digits."""
+  crc = 0
+  for x in jax.tree.leaves(_host(state)):
+    crc = zlib.crc32(np.ascontiguousarray(x).tobytes(), crc)
+  return f'{crc:08x}'
+
+
+def _save(manager, step, state, directory):
+  """Saves a checkpoint with its checksum; a failure (a full disk) is a RunError
+  that leaves the previous checkpoint as it was."""
+  try:
+    if FAULTS.get('enospc') == str(step):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), directory)
+    manager.save(step, args=ocp.args.StandardSave(state),
+                 custom_metadata={'crc32': checksum(state)})
+  except Exception as e:
+    last = [s for s in manager.all_steps() if s != step]
+    raise RunError(f'cannot save the checkpoint of step {step} in {directory}: {_cause(e)}; '
+                   + (f'the checkpoint of step {max(last)} is intact, rerun to resume from it'
+                      if last else 'no checkpoint saved yet')) from e
+
+
+def _restore(manager, abstract, recorded, paths, lead):
+  """(step, state) from the newest checkpoint that restores and matches its
+  checksum; (0, None) for a new run. Bad checkpoints newer than it are moved to
+  checkpoints.corrupt/ with a warning; with checkpoints but none valid, or none
+  where summary.json `recorded` one, raises RunError."""
+  bad = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      saved = manager.metadata(step).custom_metadata.get('crc32')  # None: before checksums
+      if saved is not None and saved != checksum(state):
+        raise ValueError(f'its arrays do not match the CRC32 saved with them ({saved})')
+      break
+    except Exception as e:  # orbax and tensorstore raise many kinds
+      bad.append((step, _cause(e)))
+      _collect_quietly()
+  else:
+    if bad:
+      raise RunError(f'no valid checkpoint in {paths["checkpoints"]}: '
+                     + '; '.join(f'step {s}: {why}' for s, why in bad)
+                     + '; pass --restart to start over')
+    if recorded:
+      raise RunError(f'{paths["summary.json"]} says step {recorded} was checkpointed, but '
+                     f'{paths["checkpoints"]} holds no checkpoint; pass --restart to start over')
+    return 0, None
+  if bad and lead:
+    os.makedirs(paths['checkpoints.corrupt'], exist_ok=True)
+    for s, why in bad:
+      aside = os.path.join(paths['checkpoints.corrupt'], f'{s}-{time.strftime("%Y%m%d-%H%M%S")}')
+      os.replace(os.path.join(paths['checkpoints'], str(s)), aside)
+      print(f'warning: the checkpoint of step {s} is corrupt ({why}); moved it to {aside}; '
+            f'resuming from step {step}', file=sys.stderr, flush=True)
+  _sync('corrupt')
+  manager.reload()
+  return step, state
+
+
+def _collect_quietly():
+  """Orbax leaves the coroutines of a failed restore to the garbage collector, which
+  prints a traceback for each: collect them now, without."""
+  hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook = hook
+
+
+def _cause(e):
+  """`Type: message` of the root cause on one line; a long line keeps its end."""
+  while e.__cause__ or e.__context__:
+    e = e.__cause__ or e.__context__
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  line = lines[0] if lines else ''
+  return f'{type(e).__name__}: {line if len(line) <= 300 else "..." + line[-250:]}'
+
+
+def _fault_hooks():
+  """Test hooks, from $ARCH_FAULTS (comma-separated): `slow_save=SECONDS` sleeps
+  inside every checkpoint save, after its files are written and before orbax's
+  commit rename, so a test can kill a run mid-save; `enospc=STEP` makes the save
+  of STEP fail as on a full disk, where a small tmpfs cannot be mounted."""
+  faults = dict(item.split('=', 1) for item in os.environ.get('ARCH_FAULTS', '').split(',') if item)
+  if 'slow_save' in faults:
+    cls = ocp.path.atomicity.AtomicRenameTemporaryPath
+    finalize = cls.finalize
+
+    async def slow_finalize(self):
+      await asyncio.sleep(float(faults['slow_save']))
+      await finalize(self)
+
+    cls.finalize = slow_finalize
+  return faults
+
+
+FAULTS = _fault_hooks()
 
 
 def one_line(s, workdir, done):
@@ -387,24 +596,13 @@ def _remove(path):
 
 def _append(path, lines, lead):
   if lead:
-    with open(path, 'a') as f:
-      f.writelines(json.dumps(line) + '\n' for line in lines)
+    runfiles.append_lines(path, lines)
 
 
 def _truncate_metrics(path, step):
   """Drops lines after `step`, the checkpoint a run resumes from; returns the rest."""
   if not os.path.exists(path):
     return []
-  lines = []
-  with open(path) as f:
-    for l in f:
-      try:
-        lines.append(json.loads(l))
-      except json.JSONDecodeError:  # the last line, cut short by a kill
-        pass
-  lines = [l for l in lines if l['step'] <= step]
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    f.writelines(json.dumps(l) + '\n' for l in lines)
-  os.replace(tmp, path)
+  lines = [l for l in runfiles.read_lines(path) if l['step'] <= step]
+  runfiles.write_lines(path, lines)
   return lines
