@@ -102,7 +102,7 @@ def lock_holder(workdir):
   """Who holds `workdir`'s lock ({'pid', 'host', 'since'}), or None when nobody does."""
   try:
     fd = os.open(os.path.join(workdir, LOCK), os.O_RDONLY)
-  except FileNotFoundError:
+  except OSError:  # none there, or no folder to hold one
     return None
   try:
     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

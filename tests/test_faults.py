@@ -7,7 +7,6 @@ Kill moments come from named seeds; a failure prints its plan, and
 moments are steps and delays, so a replay hits the same steps, give or take the
 machine's speed).
 """
-import json
 import os
 import random
 import re
@@ -352,6 +351,21 @@ def uninterrupted(experiment, tmp_path_factory):
            for _ in range(2)]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   return workdir, procs, outputs
+
+
+@pytest.mark.parametrize('change,words', [
+    (('def get_sweep', 'def get_members'), ['defines no get_sweep']),
+    (('range(3)', 'range(3'), ['syntax error at line 11']),
+    (("{'seed': s}", "{'seed': str(s)}"), ["sweep key 'seed'='0'"]),
+])
+def test_sweep_input_mistakes_at_dry_run(tmp_path, change, words):
+  """One line each, before anything runs or is written (an unknown member key:
+  tests/test_sweep.py)."""
+  path = tmp_path / 'bad.py'
+  path.write_text(SWEEP_EXPERIMENT.replace(*change))
+  proc = launch('sweep', f'--config={path}', '--workdir', tmp_path / 'w', '--dry_run')
+  assert_one_line_error(proc, *words)
+  assert not (tmp_path / 'w').exists()
 
 
 def test_two_launchers_never_run_a_member_twice(uninterrupted):

@@ -6,6 +6,7 @@ the others must reproduce.
 """
 import json
 import os
+import pathlib
 import socket
 import subprocess
 
@@ -62,8 +63,8 @@ def test_launch_train_end_to_end(tmp_path):
   proc = launch('train', '--config', SPEC, '--workdir', workdir)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip().splitlines()[-1].startswith('done: cifar_resnet on digits, 20 steps')
-  assert sorted(os.listdir(workdir)) == ['checkpoints', 'config.json', 'metrics.jsonl',
-                                         'summary.json']
+  assert sorted(os.listdir(workdir)) == ['checkpoints', 'config.json', 'diagnostics.jsonl',
+                                         'metrics.jsonl', 'summary.json']
   assert json.load(open(os.path.join(workdir, 'config.json')))['model']['depth'] == 8
   m = metrics(workdir)
   lines = m[m['split'].isna()]
@@ -175,11 +176,15 @@ def test_tfds_cifar10_mock(tmp_path):
 
 
 def test_divergence_fails_the_run(tmp_path):
-  proc = launch('train', '--config', SPEC, '--workdir', tmp_path, '--config.schedule.lr=1e30')
-  assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
-      'error: loss is'), proc.stderr
+  # lr 0.05 until step 11, then 5e28: diverges after the checkpoint of step 10.
+  proc = launch('train', '--config', SPEC, '--workdir', tmp_path, '--config.schedule.factor=1e30',
+                '--config.schedule.boundaries=(11,)')
+  last = proc.stderr.strip().splitlines()[-1]
+  assert proc.returncode == 1 and last.startswith('error: loss is'), proc.stderr
+  assert 'last good checkpoint: step 10' in last, last
   s = summary(str(tmp_path))
   assert s['status'] == 'failed' and s['reason'].startswith('loss is')
+  assert 'last good checkpoint: step 10' in s['reason']
 
 
 @pytest.mark.parametrize('args,words', [
@@ -192,15 +197,37 @@ def test_divergence_fails_the_run(tmp_path):
     (['--config.optimizer.name=lbfgs'], ["unknown optimizer 'lbfgs'", 'sgd']),
     (['--config.schedule.name=step'], ["unknown schedule 'step'", 'piecewise']),
     (['--config.batch_size=12', 'XLA_FLAGS'], ['batch_size=12', '8 devices']),
+    (['--config.num_steps=abc'], ['--config.num_steps=abc', 'invalid literal for int']),
+    (['--config.model.depth=9'], ['depth must be 6n+2', 'got 9']),
+    (['--config.model.width=0'], ['width must be > 0']),
+    (['--config', 'TMP/syntax.py'], ['syntax.py has a syntax error at line 2']),
+    (['--config', 'TMP/no_get_config.py'], ['no_get_config.py defines no get_config']),
+    (['--config', 'TMP/raises.py'], ['get_config raised RuntimeError: boom']),
+    (['--workdir', 'TMP/file/run'], ['is a file, not a folder']),
 ])
 def test_bad_input_is_one_line(tmp_path, args, words):
+  (tmp_path / 'syntax.py').write_text('def get_config(arg=""):\n  return (\n')
+  (tmp_path / 'no_get_config.py').write_text('CONFIG = None\n')
+  (tmp_path / 'raises.py').write_text('def get_config(arg=""):\n  raise RuntimeError("boom")\n')
+  (tmp_path / 'file').write_text('')
   env = clean_env(XLA_FLAGS=EIGHT_DEVICES) if 'XLA_FLAGS' in args else clean_env()
-  args = [a.replace('EMPTY', str(tmp_path)) for a in args if a != 'XLA_FLAGS']
+  args = [a.replace('EMPTY', str(tmp_path)).replace('TMP', str(tmp_path))
+          for a in args if a != 'XLA_FLAGS']
   config = [] if '--config' in args else ['--config', SPEC]
   workdir = tmp_path / 'run'
+  if '--workdir' in args:
+    workdir = pathlib.Path(args.pop(args.index('--workdir') + 1))
+    args.remove('--workdir')
   proc = launch('train', *config, *args, '--workdir', workdir, env=env)
   assert_one_line_error(proc, *words)
   assert not workdir.exists()
+
+
+def test_corrupt_run_file_is_refused(tmp_path):
+  (tmp_path / 'config.json').write_text('{"seed": 0, "mod')
+  proc = launch('train', '--config', SPEC, '--workdir', tmp_path)
+  assert_one_line_error(proc, 'config.json is corrupt', '--restart')
+  assert sorted(os.listdir(tmp_path)) == ['config.json']
 
 
 def test_summary_command():
