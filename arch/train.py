@@ -128,7 +128,8 @@ def train(config, workdir, restart=False, devices=None):
 
 def prepare(config, workdir, restart=False, devices=None):
   """Everything that can be wrong with the inputs raises ValueError here, with
-  one line saying what, before the workdir is written to."""
+  one line saying what, before the workdir is written to; a workdir that another
+  live process trains in raises runfiles.Locked."""
   model = arch.build(config.model)
   for key in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints'):
     if config[key] < 1:
@@ -164,7 +165,7 @@ def config_json(config):
 
 def _check_workdir(workdir):
   """Another live process on it, or no way to write it, is refused before any compute."""
-  holder = runfiles.lock_holder(workdir)
+  holder = runfiles.lock_holder(workdir) if jax.process_index() == 0 else None  # 0 locks it
   if holder:
     raise runfiles.Locked(workdir, holder)
   folder = os.path.abspath(workdir)
