@@ -34,14 +34,19 @@ def make_schedule(config, num_steps):
 
 
 def make_optimizer(config, schedule):
-  """`config.optimizer`: name, momentum, nesterov, weight_decay.
+  """`config.optimizer`: name, momentum, nesterov, weight_decay, clip_norm.
+
+  clip_norm > 0 clips the global gradient norm first (0: off).
 
   adamw uses `momentum` as beta1 and decoupled weight decay.
   """
   if config.name == 'sgd':
-    return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.sgd(schedule, config.momentum, config.nesterov))
-  if config.name == 'adamw':
-    return optax.adamw(schedule, b1=config.momentum, weight_decay=config.weight_decay,
-                       nesterov=config.nesterov)
-  raise ValueError(f'unknown optimizer {config.name!r}; choose one of {", ".join(OPTIMIZERS)}')
+    tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
+                     optax.sgd(schedule, config.momentum, config.nesterov))
+  elif config.name == 'adamw':
+    tx = optax.adamw(schedule, b1=config.momentum, weight_decay=config.weight_decay,
+                     nesterov=config.nesterov)
+  else:
+    raise ValueError(f'unknown optimizer {config.name!r}; choose one of {", ".join(OPTIMIZERS)}')
+  clip = config.get('clip_norm', 0.0)
+  return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx

@@ -22,12 +22,13 @@ def digits(config):
   """8x8 digits, no download: the default, small enough for a CPU sweep.
 
   The recipe is the paper's scaled down: SGD, momentum 0.9, weight decay 1e-4,
-  lr 0.1 divided by 10 at 50% and 75% of training, but batch 64 and 500 steps
-  (~22 epochs of the 1437 training digits), and 30 steps of linear warmup. The
-  warmup is what lets ResNet-56 start at lr 0.1 (the paper warms up ResNet-110
-  for the same reason); without it ResNet-56 still has 17% training error after
-  400 steps, while with it both residual nets reach < 1% and the plain-56 stays
-  near chance.
+  lr 0.1 divided by 10 at steps 400 and 525, but batch 64 and 600 steps (~27
+  epochs of the 1437 training digits), 50 steps of linear warmup, and the
+  gradient's global norm clipped to 1. Warmup and clipping are what let a
+  ResNet-56 start at lr 0.1 on every seed (the paper warms up ResNet-110 for the
+  same reason): without them its first steps blow up (loss 4.5 against 2.3 at
+  chance) and one seed in three was still at 35% training error after 500
+  steps. They apply to plain and residual nets alike.
   """
   del config  # the base config is the digits one
 
@@ -75,16 +76,16 @@ def base_config():
   ))
   c.batch_size = 64
   c.eval_batch_size = 512
-  # The digits recipe (see digits() above): 500 steps of batch 64, ~22 epochs.
-  c.num_steps = 500
+  # The digits recipe (see digits() above): 600 steps of batch 64, ~27 epochs.
+  c.num_steps = 600
   c.optimizer = ml_collections.ConfigDict(dict(
-      name='sgd', momentum=0.9, nesterov=False, weight_decay=1e-4))
+      name='sgd', momentum=0.9, nesterov=False, weight_decay=1e-4, clip_norm=1.0))
   c.schedule = ml_collections.ConfigDict(dict(
-      name='piecewise', lr=0.1, warmup_steps=30, boundaries=(250, 375), factor=0.1))
+      name='piecewise', lr=0.1, warmup_steps=50, boundaries=(400, 525), factor=0.1))
   c.label_smoothing = 0.0
   c.log_every = 20
   c.eval_every = 100
-  c.checkpoint_every = 250
+  c.checkpoint_every = 300
   c.keep_checkpoints = 3
   # Run control, not part of the experiment: stop (resumably) after this step.
   c.stop_after = config_dict.placeholder(int)
