@@ -3,10 +3,13 @@
 Normalisation and activation are plain string fields so an ablation can switch
 them from a config without touching code.
 """
+import contextlib
+import functools
 from typing import Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 ACTIVATIONS = {
     'relu': nn.relu,
@@ -39,6 +42,96 @@ def batch_norm(train, name=None, use_scale=True, epsilon=1e-5):
                       use_scale=use_scale, use_fast_variance=False, name=name)
 
 
+# ---- XLA:CPU workarounds (BENCHMARKS.md has the measurements). -------------------
+
+_WORKAROUNDS = [True]
+
+
+@contextlib.contextmanager
+def xla_cpu_workarounds(enabled=True):
+  """Turns the two workarounds below on or off for the models traced inside, so
+  `benchmarks/throughput.py --before` can time the code as it was, side by side."""
+  saved = _WORKAROUNDS[0]
+  _WORKAROUNDS[0] = enabled
+  try:
+    yield
+  finally:
+    _WORKAROUNDS[0] = saved
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None):
+  """`lax.conv_general_dilated` for `nn.Conv`, with one CPU pathology routed around.
+
+  When the image is smaller than the kernel (3x3 on the 2x2 maps of the 8x8
+  digits' last stage), XLA swaps the conv's operands and XLA:CPU then runs it
+  as a naive loop, 10-20x slower than the same FLOPs elsewhere. Those convs are
+  computed as im2col (shifted slices, one dot) instead: the same sums, in a
+  different order. Everything else goes to lax unchanged.
+  """
+  args = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+              dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+              precision=precision)
+  window = rhs.shape[:-2]
+  plain = (lhs.ndim == 4 and feature_group_count == 1 and not _dilated(lhs_dilation)
+           and not _dilated(rhs_dilation) and _is_nhwc(dimension_numbers, lhs.ndim))
+  if not (_WORKAROUNDS[0] and plain and any(i < k for i, k in zip(lhs.shape[1:3], window))):
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **args)
+  return im2col_conv(lhs, rhs, tuple(window_strides), padding, precision)
+
+
+def im2col_conv(x, kernel, strides, padding, precision=None):
+  """NHWC x HWIO convolution as one dot over the kh*kw shifted (strided) slices."""
+  kh, kw, cin, cout = kernel.shape
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
+  (pt, pb), (pl, pr) = padding
+  x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  ho = (x.shape[1] - kh) // strides[0] + 1
+  wo = (x.shape[2] - kw) // strides[1] + 1
+  cols = jnp.concatenate([
+      x[:, i:i + strides[0] * (ho - 1) + 1:strides[0], j:j + strides[1] * (wo - 1) + 1:strides[1], :]
+      for i in range(kh) for j in range(kw)], axis=-1)
+  return lax.dot_general(cols, kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())),
+                         precision=precision)
+
+
+def _dilated(d):
+  return d is not None and any(v != 1 for v in d)
+
+
+def _is_nhwc(dn, ndim):
+  if dn is None:
+    return False
+  dn = lax.conv_dimension_numbers((1,) * ndim, (1,) * ndim, dn)
+  return tuple(dn.lhs_spec) == (0, 3, 1, 2) and tuple(dn.rhs_spec) == (3, 2, 0, 1) \
+      and tuple(dn.out_spec) == (0, 3, 1, 2)
+
+
+# `nn.Conv` itself (same parameters, same `arch.count_macs`), with the routing above.
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+
+
+def materialize(x):
+  """`x`, computed once: a fusion barrier for the residual stream.
+
+  Each block output is `relu(bn(conv) + previous output)`, all elementwise, so
+  XLA:CPU fuses the whole chain of earlier blocks into every loop that reads a
+  block's output (the weight-gradient transposes, the ReLU masks): the work
+  grows with the square of the depth, and a residual net ran up to 1.5-2.5x
+  slower than the plain net of equal depth. XLA expands `optimization_barrier`
+  before fusion, so the barrier is a product with the identity matrix, which
+  XLA leaves alone: exact for finite values (x * 1 + 0s; subnormals flush to
+  zero, as in every XLA:CPU op); an inf in one channel turns the pixel's other
+  channels to NaN, in a run that has already diverged.
+  """
+  if not _WORKAROUNDS[0]:
+    return x
+  eye = jnp.eye(x.shape[-1], dtype=x.dtype)
+  return lax.dot_general(x, eye, (((x.ndim - 1,), (0,)), ((), ())),
+                         precision=lax.Precision.HIGHEST)
+
+
 class ConvUnit(nn.Module):
   """conv -> (batch norm | none) -> activation.
 
@@ -60,8 +153,8 @@ class ConvUnit(nn.Module):
     if self.norm not in NORMS:
       raise ValueError(f'unknown norm {self.norm!r}; choose one of {", ".join(NORMS)}')
     groups = x.shape[-1] if self.groups == -1 else self.groups
-    x = nn.Conv(self.features, pair(self.kernel_size), pair(self.strides), padding=self.padding,
-                use_bias=self.use_bias, feature_group_count=groups, name='conv')(x)
+    x = Conv(self.features, pair(self.kernel_size), pair(self.strides), padding=self.padding,
+             use_bias=self.use_bias, feature_group_count=groups, name='conv')(x)
     if self.norm == 'batch':
       x = batch_norm(train, 'bn', self.bn_scale, self.bn_epsilon)(x)
     return activation(self.act)(x)

@@ -12,7 +12,7 @@ which is what makes the degradation comparison fair.
 import flax.linen as nn
 import jax.numpy as jnp
 
-from arch.layers import ConvUnit, activation, batch_norm
+from arch.layers import Conv, ConvUnit, activation, batch_norm, materialize
 
 SHORTCUTS = ('none', 'A', 'B', 'C')
 
@@ -67,6 +67,7 @@ class BasicBlock(nn.Module):
     record_branch_ratio(self, y, x)
     if self.shortcut != 'none':
       y = y + Shortcut(self.features, self.strides, self.shortcut, name='shortcut')(x, train)
+      return materialize(activation(self.act)(y))
     return activation(self.act)(y)
 
 
@@ -96,6 +97,7 @@ class BottleneckBlock(nn.Module):
     record_branch_ratio(self, y, x)
     if self.shortcut != 'none':
       y = y + Shortcut(out, self.strides, self.shortcut, name='shortcut', **unit)(x, train)
+      return materialize(activation(self.act)(y))
     return activation(self.act)(y)
 
 
@@ -125,16 +127,16 @@ class PreActBlock(nn.Module):
       out = self.features * self.expansion
       y = ConvUnit(self.features, 1, name='conv1', **unit)(pre, train)
       y = ConvUnit(self.features, 3, self.strides, name='conv2', **unit)(y, train)
-      y = nn.Conv(out, (1, 1), use_bias=self.use_bias, name='conv3')(y)
+      y = Conv(out, (1, 1), use_bias=self.use_bias, name='conv3')(y)
     else:
       out = self.features
       y = ConvUnit(self.features, 3, self.strides, name='conv1', **unit)(pre, train)
-      y = nn.Conv(out, (3, 3), use_bias=self.use_bias, name='conv2')(y)
+      y = Conv(out, (3, 3), use_bias=self.use_bias, name='conv2')(y)
     record_branch_ratio(self, y, x)
     if self.shortcut == 'none':
       return y
     reshape = self.strides != 1 or x.shape[-1] != out
     projects = self.shortcut == 'C' or (self.shortcut == 'B' and reshape)
     # A projection sees the pre-activated input; an identity carries x untouched.
-    return y + Shortcut(out, self.strides, self.shortcut, self.use_bias, norm=False,
-                        name='shortcut')(pre if projects else x, train)
+    return materialize(y + Shortcut(out, self.strides, self.shortcut, self.use_bias, norm=False,
+                                    name='shortcut')(pre if projects else x, train))

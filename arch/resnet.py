@@ -5,9 +5,11 @@ stages of n blocks at 16/32/64 filters (times `width`), global pooling and a
 linear classifier, 6n+2 weighted layers. The ImageNet nets follow Keras's
 applications layer for layer, so their parameter counts match Keras exactly.
 """
-from typing import Sequence
+from typing import Sequence, Union
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from arch.layers import ConvUnit, activation, batch_norm, global_avg_pool
 from arch.registry import register
@@ -16,13 +18,54 @@ from arch.residual import BasicBlock, BottleneckBlock, PreActBlock, check_shortc
 CIFAR_BLOCKS = ('basic', 'preact')
 
 
+class ScannedBlocks(nn.Module):
+  """`length` identical blocks run by `nn.scan`: one traced block, so compile
+  time does not grow with depth. Parameters and BN statistics are stacked on a
+  leading axis of size `length` under `block/` (`scan_params` maps an unrolled
+  net's parameters to this layout)."""
+  block: str
+  features: int
+  shortcut: str
+  length: int
+  train: bool = False
+  remat: bool = False  # recompute each block's activations in the backward pass
+
+  @nn.compact
+  def __call__(self, x):
+    cls = PreActBlock if self.block == 'preact' else BasicBlock
+    body = nn.remat(_Carry) if self.remat else _Carry
+    scan = nn.scan(body, variable_axes={'params': 0, 'batch_stats': 0, 'intermediates': 0},
+                   split_rngs={'params': True}, length=self.length)
+    return scan(cls, self.features, self.shortcut, self.train, name='block')(x)[0]
+
+
+class _Carry(nn.Module):
+  """One block as a scan body: (carry) -> (carry, no output)."""
+  cls: type
+  features: int
+  shortcut: str
+  train: bool
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    return self.cls(self.features, 1, self.shortcut, name='block')(x, self.train), None
+
+
 class CifarResNet(nn.Module):
-  """6n+2 layers; `block='preact'` gives the pre-activation (v2) variant."""
+  """6n+2 layers; `block='preact'` gives the pre-activation (v2) variant.
+
+  `scan_blocks=True` runs blocks 2..n of each stage (identical in shape) with
+  `nn.scan` under `stage{s}_scanned`: the same function and parameter count,
+  a compile time that no longer grows with n. `scan_blocks='remat'` also
+  recomputes the scanned blocks' activations in the backward pass (memory). Per-block diagnostics then cover
+  only each stage's first block (the scanned ones are not named `*block*`).
+  """
   blocks_per_stage: int
   width: float = 1.0
   shortcut: str = 'A'
   block: str = 'basic'
   num_classes: int = 10
+  scan_blocks: Union[bool, str] = False
 
   @nn.compact
   def __call__(self, x, train=False):
@@ -30,22 +73,37 @@ class CifarResNet(nn.Module):
     filters = [max(1, round(f * self.width)) for f in (16, 32, 64)]
     x = ConvUnit(filters[0], 3, norm='none' if preact else 'batch', act='none' if preact else 'relu',
                  name='stem')(x, train)
+    block_cls = PreActBlock if preact else BasicBlock
     for stage, features in enumerate(filters):
       for i in range(self.blocks_per_stage):
+        if self.scan_blocks and i == 1:
+          x = ScannedBlocks(self.block, features, self.shortcut, self.blocks_per_stage - 1, train,
+                            remat=self.scan_blocks == 'remat', name=f'stage{stage + 1}_scanned')(x)
+          break
         strides = 2 if stage > 0 and i == 0 else 1
-        name = f'stage{stage + 1}_block{i + 1}'
-        if preact:
-          x = PreActBlock(features, strides, self.shortcut, name=name)(x, train)
-        else:
-          x = BasicBlock(features, strides, self.shortcut, name=name)(x, train)
+        x = block_cls(features, strides, self.shortcut, name=f'stage{stage + 1}_block{i + 1}')(x, train)
     if preact:
       x = nn.relu(batch_norm(train, 'final_bn')(x))
     return nn.Dense(self.num_classes, name='head')(global_avg_pool(x))
 
 
+def scan_params(unrolled, blocks_per_stage):
+  """An unrolled CIFAR net's variables (params or batch_stats) in the
+  `scan_blocks=True` layout: blocks 2..n of each stage stacked on axis 0."""
+  out = {k: v for k, v in unrolled.items() if '_block' not in k or k.endswith('_block1')}
+  for stage in (1, 2, 3):
+    blocks = [unrolled[f'stage{stage}_block{i}'] for i in range(2, blocks_per_stage + 1)]
+    if blocks:
+      out[f'stage{stage}_scanned'] = {'block': {'block': jax.tree.map(
+          lambda *leaves: jnp.stack(leaves), *blocks)}}
+  return out
+
+
 @register('cifar_resnet')
-def cifar_resnet(depth=20, width=1.0, shortcut='A', block='basic', num_classes=10):
-  """`shortcut='none'` is the paper's plain net of the same depth."""
+def cifar_resnet(depth=20, width=1.0, shortcut='A', block='basic', num_classes=10,
+                 scan_blocks=False):
+  """`shortcut='none'` is the paper's plain net of the same depth. `scan_blocks`
+  compiles each stage's repeated blocks once (for the 1000-layer nets)."""
   if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
     raise ValueError(f'cifar_resnet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, '
                      f'1202, ...); got {depth!r}')
@@ -56,7 +114,9 @@ def cifar_resnet(depth=20, width=1.0, shortcut='A', block='basic', num_classes=1
   check_shortcut(shortcut)
   if shortcut == 'A' and width * 16 < 1:
     raise ValueError(f'width {width} leaves no channels')
-  return CifarResNet((depth - 2) // 6, width, shortcut, block, num_classes)
+  if scan_blocks not in (False, True, 'remat'):
+    raise ValueError(f"cifar_resnet scan_blocks must be False, True or 'remat'; got {scan_blocks!r}")
+  return CifarResNet((depth - 2) // 6, width, shortcut, block, num_classes, scan_blocks)
 
 
 class ImageNetResNet(nn.Module):
