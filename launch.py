@@ -30,7 +30,7 @@ exactly the result it would have had.
 
 A sweep runs only its members not yet done; one that another live process
 trains (a second launcher on the same directory) is waited for, not run twice.
-Its members stop with it: killed, it leaves each of them checkpointed.
+Locally, members stop with their launcher: a killed sweep leaves them checkpointed.
 """
 import os
 import sys
