@@ -389,7 +389,7 @@ def test_killed_sweep_reruns_only_what_is_missing(experiment, uninterrupted, tmp
   member = os.path.join(workdir, MEMBERS[victim])
   with open(tmp_path / 'sweep.out', 'w') as out:  # saves slowed down: the member lasts
     proc = subprocess.Popen(sweep_command(experiment, workdir), cwd=ROOT,
-                            env=clean_env(ARCH_FAULTS='slow_save=0.3'), stdout=out, stderr=out)
+                            env=clean_env(ARCH_FAULTS='slow_save=0.15'), stdout=out, stderr=out)
   wait_for(lambda: trained_to(member) >= step, proc, what=f'step {step} of {MEMBERS[victim]}')
   proc.kill()
   proc.wait()
