@@ -185,19 +185,21 @@ def main(argv=None):
 
   rows = []
   for c in cases:
-    train_s, infer_s = np.median(c.times['train']), np.median(c.times['infer'])
-    rows.append(dict(
-        model=c.label, batch=c.batch, params=c.params, macs=c.macs,
-        compile_s=round(c.compile_s, 2), first_step_s=round(c.first_step_s, 2),
-        train_ms=round(1e3 * train_s, 1), train_img_s=round(c.batch / train_s, 1),
-        train_gflop_s=round(6 * c.macs * c.batch / train_s / 1e9, 1),
-        infer_ms=round(1e3 * infer_s, 1), infer_img_s=round(c.batch / infer_s, 1),
-        infer_gflop_s=round(2 * c.macs * c.batch / infer_s / 1e9, 1)))
-  for t in torch_cases:
+    row = dict(model=c.label, batch=c.batch, params=c.params, macs=c.macs,
+               compile_s=round(c.compile_s, 2), first_step_s=round(c.first_step_s, 2))
+    if c.times['train']:  # --rounds 0: compile figures only
+      train_s, infer_s = np.median(c.times['train']), np.median(c.times['infer'])
+      row.update(
+          train_ms=round(1e3 * train_s, 1), train_img_s=round(c.batch / train_s, 1),
+          train_gflop_s=round(6 * c.macs * c.batch / train_s / 1e9, 1),
+          infer_ms=round(1e3 * infer_s, 1), infer_img_s=round(c.batch / infer_s, 1),
+          infer_gflop_s=round(2 * c.macs * c.batch / infer_s / 1e9, 1))
+    rows.append(row)
+  for t in (t for t in torch_cases if any(t.times.values())):
     best, layout = t.best()
     rows.append(dict(model=f'{t.label} {layout}', batch=t.batch, train_ms=round(1e3 * best, 1),
                      train_img_s=round(t.batch / best, 1)))
-  keys = list(rows[0])
+  keys = list(dict.fromkeys(k for row in rows for k in row))
   if args.csv:
     os.makedirs(os.path.dirname(args.csv) or '.', exist_ok=True)
     with open(args.csv, 'w', newline='') as f:
@@ -216,7 +218,8 @@ def main(argv=None):
 
 def ratios(cases, torch_cases):
   """The side-by-side ratios the targets are stated in."""
-  train = {(c.label, c.batch): float(np.median(c.times['train'])) for c in cases}
+  train = {(c.label, c.batch): float(np.median(c.times['train'])) for c in cases
+           if c.times['train']}
   out = []
   for (label, batch), t in train.items():
     name = label.split(' ')[0]
@@ -228,6 +231,8 @@ def ratios(cases, torch_cases):
     if suffix == ' (before)' and (name, batch) in train:
       out.append(f'speed-up {name} vs before, batch {batch}: {t / train[(name, batch)]:.2f}x')
   for tc in torch_cases:
+    if not any(tc.times.values()):
+      continue
     best, layout = tc.best()
     if (tc.name, tc.batch) in train:
       out.append(f'train throughput JAX / PyTorch {tc.name} ({layout}), batch {tc.batch}: '
