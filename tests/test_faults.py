@@ -12,9 +12,11 @@ import random
 import re
 import signal
 import subprocess
+import tempfile
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pandas as pd
@@ -22,23 +24,47 @@ import pytest
 
 from arch import runfiles
 from arch import train
-from conftest import (DEGRADATION, ROOT, TINY, assert_one_line_error, clean_env, get_config,
-                      launch, launch_command)
+from conftest import (ROOT, TINY, assert_one_line_error, clean_env, get_config, launch,
+                      launch_command)
 
 KILL_SEED = int(os.environ.get('ARCH_FAULT_SEED', 1206))
 SWEEP_SEED = int(os.environ.get('ARCH_FAULT_SEED', 2409))
 
-# TINY for 30 steps with a checkpoint every 3: many saves to land in.
-ARG = f'{TINY},num_steps=30,eval_every=10,checkpoint_every=3'
-SPEC = f'experiments/degradation.py:{ARG}'
 SLOW_SAVE = 'slow_save=0.2'  # seconds inside every save, before its commit rename
+
+
+def frozen(arg, extra=''):
+  """The source of an experiment file whose get_config returns the degradation
+  config for `arg` as it was when the tests were collected: a recipe edited while
+  they run must not pass for a run that resumed to another result."""
+  return (f'import ml_collections\n\n'
+          f'def get_config(arg=""):\n'
+          f'  return ml_collections.ConfigDict({get_config(arg).to_dict()!r})\n{extra}')
+
+
+def write(path, text):
+  with open(path, 'w') as f:
+    f.write(text)
+  return path
+
+
+# TINY for 30 steps with a checkpoint every 3: many saves to land in.
+RUN_CONFIG = frozen(f'{TINY},num_steps=30,eval_every=10,checkpoint_every=3')
+SPEC = write(os.path.join(tempfile.mkdtemp(prefix='arch-test-faults-'), 'run.py'), RUN_CONFIG)
+
+
+def run_config():
+  """SPEC's config, for runs in this process."""
+  namespace = {}
+  exec(RUN_CONFIG, namespace)
+  return namespace['get_config']()
 
 
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory):
   """The uninterrupted run every interrupted one must reproduce bit for bit."""
   workdir = str(tmp_path_factory.mktemp('reference'))
-  train.train(get_config(ARG), workdir)
+  train.train(run_config(), workdir)
   return workdir
 
 
@@ -183,7 +209,7 @@ def corrupt(workdir, step, how):
 
 def test_corrupt_checkpoints_fall_back(reference, tmp_path, capfd):
   workdir = str(tmp_path / 'run')
-  config = get_config(ARG)
+  config = run_config()
   config.stop_after = 12
   train.train(config, workdir)  # checkpoints 6, 9, 12
   corrupt(workdir, 12, 'flip')
@@ -202,7 +228,7 @@ def test_corrupt_checkpoints_fall_back(reference, tmp_path, capfd):
 
 def test_no_valid_checkpoint_stops(tmp_path):
   workdir = str(tmp_path / 'run')
-  config = get_config(ARG)
+  config = run_config()
   config.stop_after = 6
   train.train(config, workdir)  # checkpoints 3, 6
   corrupt(workdir, 6, 'flip')
@@ -235,7 +261,7 @@ def test_full_disk_keeps_the_last_checkpoint(reference, tmp_path):
   real = mount_tmpfs(fs, '2m')
   try:
     workdir = os.path.join(fs, 'run')
-    config = get_config(ARG)
+    config = run_config()
     config.stop_after = 9
     train.train(config, workdir)  # checkpoints 3, 6, 9
     filler = os.path.join(fs, 'filler')
@@ -305,19 +331,11 @@ def test_second_process_is_refused_then_sigterm_resumes(reference, tmp_path):
 
 # ---- Sweeps. -------------------------------------------------------------------
 
-# Three seeds of TINY; imports nothing but the degradation recipe.
-SWEEP_EXPERIMENT = f'''
-import importlib.util
-spec = importlib.util.spec_from_file_location('degradation', {DEGRADATION!r})
-degradation = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(degradation)
-
-def get_config(arg=''):
-  return degradation.get_config({TINY!r})
-
+# Three seeds of TINY, with nothing heavy to import.
+SWEEP_EXPERIMENT = frozen(TINY, '''
 def get_sweep(arg=''):
-  return [{{'seed': s}} for s in range(3)]
-'''
+  return [{'seed': s} for s in range(3)]
+''')
 MEMBERS = ['seed=0', 'seed=1', 'seed=2']
 DETERMINISTIC = ['run', 'seed', 'status', 'train_error', 'test_error', 'params', 'macs']
 
@@ -355,7 +373,7 @@ def uninterrupted(experiment, tmp_path_factory):
 
 @pytest.mark.parametrize('change,words', [
     (('def get_sweep', 'def get_members'), ['defines no get_sweep']),
-    (('range(3)', 'range(3'), ['syntax error at line 11']),
+    (('range(3)', 'range(3'), ['bad.py has a syntax error at line 7']),
     (("{'seed': s}", "{'seed': str(s)}"), ["sweep key 'seed'='0'"]),
 ])
 def test_sweep_input_mistakes_at_dry_run(tmp_path, change, words):
