@@ -444,9 +444,10 @@ def _run(job, lead, signals):
 class _StopSignals:
   """SIGTERM (a preemption notice) and SIGINT set `received` for the loop to save
   a checkpoint after the current step and stop. A second SIGINT (Ctrl-C twice)
-  acts at once; a second SIGTERM is ignored: preemption ends the grace period
-  with SIGKILL, and Linux may repeat a parent-death signal (arch/sweep.py). Only
-  the main thread can take signals; elsewhere this is a no-op."""
+  acts at once; further SIGTERMs are ignored, also after the run stopped for one:
+  preemption ends its grace period with SIGKILL, and Linux repeats a sweep
+  member's parent-death signal (arch/sweep.py). Only the main thread can take
+  signals; elsewhere this is a no-op."""
 
   def __enter__(self):
     self.received, self.previous = None, {}
@@ -463,6 +464,8 @@ class _StopSignals:
 
   def __exit__(self, *exc):
     for s, handler in self.previous.items():
+      if s == signal.SIGTERM and self.received == 'SIGTERM':
+        handler = signal.SIG_IGN  # the process is on its way out
       signal.signal(s, handler or signal.SIG_DFL)
 
 

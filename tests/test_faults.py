@@ -84,7 +84,7 @@ def wait_for(condition, proc=None, timeout=120, what=''):
     if proc is not None and proc.poll() is not None:
       pytest.fail(f'exited with {proc.returncode} before {what}: {tail(proc)}')
     if time.time() > deadline:
-      pytest.fail(f'timed out waiting for {what}')
+      pytest.fail(f'timed out waiting for {what() if callable(what) else what}')
     time.sleep(0.01)
 
 
@@ -412,10 +412,10 @@ def test_killed_sweep_reruns_only_what_is_missing(experiment, uninterrupted, tmp
   proc.kill()
   proc.wait()
   # The member learns of it (SIGTERM from Linux), checkpoints and stops.
-  wait_for(lambda: runfiles.lock_holder(member) is None, what='the member to stop')
-  log = open(os.path.join(member, 'train.log')).read()
-  assert 'interrupted: SIGTERM at step' in log, log[-2000:]
-  assert summary(member)['status'] == 'running'
+  log = os.path.join(member, 'train.log')
+  wait_for(lambda: 'interrupted: SIGTERM at step' in open(log).read(), timeout=60,
+           what=lambda: f'the member to stop: {open(log).read()[-2000:]}')
+  assert runfiles.lock_holder(member) is None and summary(member)['status'] == 'running'
   done = {n: {f: open(os.path.join(workdir, n, f), 'rb').read()
               for f in ('metrics.jsonl', 'summary.json', 'train.log')} for n in MEMBERS[:victim]}
   assert all(summary(os.path.join(workdir, n))['status'] == 'done' for n in done)
