@@ -8,6 +8,7 @@ import functools
 from typing import Sequence, Union
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -75,9 +76,67 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   window = rhs.shape[:-2]
   plain = (lhs.ndim == 4 and feature_group_count == 1 and not _dilated(lhs_dilation)
            and not _dilated(rhs_dilation) and _is_nhwc(dimension_numbers, lhs.ndim))
-  if not (_WORKAROUNDS[0] and plain and any(i < k for i, k in zip(lhs.shape[1:3], window))):
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **args)
-  return im2col_conv(lhs, rhs, tuple(window_strides), padding, precision)
+  small = any(i < k for i, k in zip(lhs.shape[1:3], window))
+  if _WORKAROUNDS[0] and plain and small:
+    return im2col_conv(lhs, rhs, tuple(window_strides), padding, precision)
+  if _WORKAROUNDS[0] and plain and _IN_LOOP[0]:
+    if isinstance(padding, str):
+      padding = lax.padtype_to_pads(lhs.shape[1:3], window, window_strides, padding)
+    return canonical_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)))
+  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def canonical_conv(x, kernel, strides, pads):
+  """NHWC x HWIO convolution whose gradients are convolutions in that same
+  canonical layout, with the transposes written out.
+
+  Inside a loop body (`nn.scan`), XLA:CPU leaves autodiff's convolutions in
+  their swapped dimension orders (`f01b_i01o->01bf`) and runs them as naive
+  loops, 10-100x slower than its conv library; out of loops it canonicalizes
+  them itself. Same sums as `lax`'s gradients.
+  """
+  return _nhwc_conv(x, kernel, strides, pads)
+
+
+def _nhwc_conv(x, kernel, strides, pads, lhs_dilation=None, rhs_dilation=None):
+  return lax.conv_general_dilated(x, kernel, strides, pads, lhs_dilation, rhs_dilation,
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _canonical_fwd(x, kernel, strides, pads):
+  return _nhwc_conv(x, kernel, strides, pads), (x, kernel)
+
+
+def _canonical_bwd(strides, pads, res, dy):
+  x, kernel = res
+  k, n, o = kernel.shape[:2], x.shape[1:3], dy.shape[1:3]
+  # dx: dy dilated by the strides, correlated with the flipped, io-swapped kernel.
+  dx_pads = [(kk - 1 - lo, nn_ - 1 - (oo - 1) * s + lo)
+             for kk, nn_, oo, s, (lo, _) in zip(k, n, o, strides, pads)]
+  flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+  dx = _nhwc_conv(dy, flipped, (1, 1), dx_pads, lhs_dilation=strides)
+  # dkernel: batch <-> channels swapped, so the batch is contracted as features.
+  dk_pads = [(lo, kk - nn_ - lo + (oo - 1) * s) for kk, nn_, oo, s, (lo, _) in zip(k, n, o, strides, pads)]
+  dk = _nhwc_conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1), dk_pads,
+                  rhs_dilation=strides)
+  return dx, dk.transpose(1, 2, 0, 3)
+
+
+canonical_conv.defvjp(_canonical_fwd, _canonical_bwd)
+
+_IN_LOOP = [False]
+
+
+@contextlib.contextmanager
+def in_loop_body():
+  """Models traced inside use `canonical_conv` (see there); for `nn.scan` bodies."""
+  saved = _IN_LOOP[0]
+  _IN_LOOP[0] = True
+  try:
+    yield
+  finally:
+    _IN_LOOP[0] = saved
 
 
 def im2col_conv(x, kernel, strides, padding, precision=None):

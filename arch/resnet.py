@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from arch.layers import ConvUnit, activation, batch_norm, global_avg_pool
+from arch.layers import ConvUnit, activation, batch_norm, global_avg_pool, in_loop_body
 from arch.registry import register
 from arch.residual import BasicBlock, BottleneckBlock, PreActBlock, check_shortcut
 
@@ -36,7 +36,8 @@ class ScannedBlocks(nn.Module):
     body = nn.remat(_Carry) if self.remat else _Carry
     scan = nn.scan(body, variable_axes={'params': 0, 'batch_stats': 0, 'intermediates': 0},
                    split_rngs={'params': True}, length=self.length)
-    return scan(cls, self.features, self.shortcut, self.train, name='block')(x)[0]
+    with in_loop_body():  # XLA:CPU's convs in loop bodies need canonical gradients
+      return scan(cls, self.features, self.shortcut, self.train, name='block')(x)[0]
 
 
 class _Carry(nn.Module):

@@ -46,6 +46,25 @@ def test_conv_matches_flax_conv(shape, kernel, strides, padding, use_bias):
     np.testing.assert_allclose(a, b, **TOL)
 
 
+@pytest.mark.parametrize('shape,kernel,strides,pads', [
+    ((2, 8, 8, 4), (3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((2, 8, 8, 4), (3, 3), (2, 2), ((0, 1), (0, 1))),   # SAME, stride 2
+    ((2, 7, 6, 4), (3, 3), (2, 2), ((1, 1), (1, 1))),
+    ((2, 8, 8, 4), (1, 1), (2, 2), ((0, 0), (0, 0))),
+    ((2, 5, 5, 4), (3, 3), (1, 1), ((0, 0), (0, 0))),
+])
+def test_canonical_conv_gradients_match_lax(shape, kernel, strides, pads):
+  x = jax.random.normal(jax.random.key(0), shape)
+  w = jax.random.normal(jax.random.key(1), (*kernel, shape[-1], 6))
+  lax_conv = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, strides, pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  ours = lambda x, w: layers.canonical_conv(x, w, strides, pads)
+  np.testing.assert_allclose(ours(x, w), lax_conv(x, w), **TOL)
+  loss = lambda f: jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(x, w)
+  for a, b in zip(loss(ours), loss(lax_conv)):
+    np.testing.assert_allclose(a, b, **TOL)
+
+
 def test_small_images_take_im2col_and_others_lax():
   w = jnp.zeros((3, 3, 8, 16))
   small = jax.jit(lambda x: layers.conv_general_dilated(
