@@ -23,8 +23,12 @@ def trace(model, input_shape):
   """Abstract forward pass on one example (eval mode).
 
   Returns (variables, calls): the variable shapes and, per module call in call
-  order, a dict with path, type, output shape and multiply-adds.
+  order, a dict with path, type, output shape and multiply-adds. A net with
+  `scan_blocks` is traced as its unrolled twin (the same function and
+  parameter count): a scanned body is traced once, not once per block.
   """
+  if getattr(model, 'scan_blocks', False):
+    model = model.clone(scan_blocks=False)
   calls = []
 
   def interceptor(next_fun, args, kwargs, context):

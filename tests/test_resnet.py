@@ -120,3 +120,9 @@ def check_forward_backward(model, shape, num_classes):
   assert logits.shape == (2, num_classes)
   assert all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(grads))
   assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_scanned_net_costs_what_the_unrolled_one_does():
+  unrolled, scanned = cifar(110), cifar(110, scan_blocks=True)
+  assert arch.count_macs(scanned, CIFAR) == arch.count_macs(unrolled, CIFAR)
+  assert arch.count_params(scanned, CIFAR) == arch.count_params(unrolled, CIFAR)
