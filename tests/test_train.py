@@ -238,7 +238,9 @@ def test_summary_command():
 
 
 def test_schedules():
-  config = get_config('')
+  config = get_config('')  # the schedule spelled out: the recipe's defaults may change
+  config.schedule.update(name='piecewise', lr=0.1, warmup_steps=0, boundaries=(1000, 1500),
+                         factor=0.1)
   s = optim.make_schedule(config.schedule, 2000)  # 0.1, /10 at 1000 and 1500
   np.testing.assert_allclose([s(0), s(999), s(1000), s(1500)], [0.1, 0.1, 0.01, 0.001], rtol=1e-6)
   config.schedule.update(name='cosine', warmup_steps=10)
