@@ -15,7 +15,7 @@ import optax
 
 def block_stats(grads, intermediates):
   """{block: {'grad_norm', 'branch_ratio'?}} for the top-level modules named *block*."""
-  stats = {name: dict(grad_norm=optax.global_norm(sub)) for name, sub in grads.items()
+  stats = {name: dict(grad_norm=optax.tree.norm(sub)) for name, sub in grads.items()
            if 'block' in name}
   for name, sown in intermediates.items():
     if name in stats and 'branch_ratio' in sown:
