@@ -14,16 +14,6 @@ import pandas as pd
 from arch import runfiles
 
 
-def flatten(tree, prefix=''):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(flatten(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
-
-
 def run_dirs(path):
   """A run directory itself, or the run directories one level below a sweep."""
   if os.path.exists(os.path.join(path, 'config.json')):
@@ -37,7 +27,7 @@ def run_dirs(path):
 def load(path):
   """(runs, metrics) DataFrames for a run or sweep directory."""
   dirs = run_dirs(path)
-  configs = {name: flatten(runfiles.read_json(os.path.join(d, 'config.json')))
+  configs = {name: runfiles.flatten(runfiles.read_json(os.path.join(d, 'config.json')))
              for name, d in dirs.items()}
   overrides = {m['name']: m['overrides'] for m in
                runfiles.read_json(os.path.join(path, 'sweep.json')).get('members', [])}

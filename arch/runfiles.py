@@ -170,3 +170,14 @@ def _holder(fd):
     return json.loads(os.pread(fd, 4096, 0) or b'{}')
   except (OSError, ValueError):  # written an instant from now
     return {}
+
+
+def flatten(tree, prefix=''):
+  """{'model': {'depth': 20}} -> {'model.depth': 20}: configs compared or tabulated by key."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out

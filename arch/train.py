@@ -188,23 +188,13 @@ def _check_same_config(config, workdir):
     raise ValueError(f'{e}; pass --restart to discard the run or choose another --workdir')
   if not old:
     return
-  old, new = _flatten(old), _flatten(config_json(config))
+  old, new = runfiles.flatten(old), runfiles.flatten(config_json(config))
   diff = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new))
           if old.get(k) != new.get(k) and k not in RUN_CONTROL_KEYS]
   if diff:
     raise ValueError(f'{workdir} holds a run with a different config ({"; ".join(diff[:4])}'
                      f'{"; ..." if len(diff) > 4 else ""}); pass --restart to discard it '
                      f'or choose another --workdir')
-
-
-def _flatten(tree, prefix=''):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[prefix + k] = v
-  return out
 
 
 # ---- The jitted functions. ------------------------------------------------------
