@@ -221,3 +221,47 @@ class ConvUnit(nn.Module):
 
 def global_avg_pool(x):
   return jnp.mean(x, axis=(1, 2))
+
+
+# ---- Shared by the zoo networks (arch/vgg.py, inception.py, separable.py). ----
+
+def resize_to_min(x, min_size):
+  """Resizes NHWC `x` (bilinear) so both spatial sides are >= min_size.
+
+  A no-op when `min_size` is 0/None or the input is already large enough, so a
+  network at its published resolution is exactly the published network.
+  """
+  if not min_size:
+    return x
+  n, h, w, c = x.shape
+  if h >= min_size and w >= min_size:
+    return x
+  return jax.image.resize(x, (n, max(h, min_size), max(w, min_size), c), 'bilinear')
+
+
+class ClassifierHead(nn.Module):
+  """Global average pool -> dropout -> dense (Keras' `avg_pool` + `predictions`)."""
+  num_classes: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = global_avg_pool(x)
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    return nn.Dense(self.num_classes, name='predictions')(x)
+
+
+def check_common_args(net, num_classes, dropout=0.0, min_input_size=0):
+  """ValueError naming the bad value, for the knobs every zoo network has."""
+  if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f'{net}: num_classes must be a positive int, got {num_classes!r}')
+  if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    raise ValueError(f'{net}: dropout must be in [0, 1), got {dropout!r}')
+  if min_input_size is not None and (not isinstance(min_input_size, int) or min_input_size < 0):
+    raise ValueError(f'{net}: min_input_size must be a non-negative int, got {min_input_size!r}')
+
+
+def check_choice(net, knob, value, choices):
+  if value not in choices:
+    raise ValueError(f'{net}: {knob} must be one of {", ".join(map(repr, choices))}, '
+                     f'got {value!r}')

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 
 from arch import layers
 from arch.registry import register
-from arch.vgg import ClassifierHead, check_choice, check_common_args, resize_to_min
+from arch.layers import ClassifierHead, check_choice, check_common_args, resize_to_min
 
 MID_ACTS = ('none', 'relu', 'elu')
 
