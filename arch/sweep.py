@@ -234,6 +234,12 @@ class SweepRecord:
     runfiles.write_json(self.path, self.data)
 
 
+def split_done(workdir, members):
+  """(members still to run, {name: ('done', None)} for those whose summary says done)."""
+  todo = [m for m in members if member_status(os.path.join(workdir, m['name'])) != 'done']
+  return todo, {m['name']: ('done', None) for m in members if m not in todo}
+
+
 def run_local(spec, workdir, members, workers, progress=True):
   """Runs the members not yet done with `workers` processes; returns {name: (status, reason)}.
 
@@ -242,8 +248,7 @@ def run_local(spec, workdir, members, workers, progress=True):
   held, the worker waits for one of them (run_member)."""
   from tqdm import tqdm
   record = SweepRecord(workdir, spec, members)
-  todo = [m for m in members if member_status(os.path.join(workdir, m['name'])) != 'done']
-  results = {m['name']: ('done', None) for m in members if m not in todo}
+  todo, results = split_done(workdir, members)
   for name in results:
     record.set(name, 'done')
   lock = threading.Lock()
@@ -293,8 +298,7 @@ def run_submitit(spec, workdir, members, executor_params, cluster=None):
   """
   import submitit
   record = SweepRecord(workdir, spec, members)
-  todo = [m for m in members if member_status(os.path.join(workdir, m['name'])) != 'done']
-  results = {m['name']: ('done', None) for m in members if m not in todo}
+  todo, results = split_done(workdir, members)
   executor = submitit.AutoExecutor(folder=os.path.join(workdir, 'submitit'), cluster=cluster)
   executor.update_parameters(**executor_params)
   jobs = executor.map_array(run_member, [spec] * len(todo),
