@@ -5,3 +5,4 @@ from arch.cost import count_macs, count_params, format_summary
 # Importing the network modules registers their builders.
 from arch import resnet  # noqa: E402,F401
 from arch import vgg, inception, separable  # noqa: E402,F401
+from arch import small  # noqa: E402,F401  (digits-sized ablation nets)

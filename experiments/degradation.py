@@ -58,7 +58,6 @@ def cifar10(config):
 
 
 PRESETS = {f.__name__: f for f in (digits, fashion_mnist, cifar10)}
-MODEL_KEYS = ('depth', 'width', 'shortcut', 'block')
 
 
 def base_config():
@@ -111,7 +110,7 @@ def parse_arg(arg):
 
 def apply_overrides(config, overrides):
   for key, value in overrides.items():
-    path = f'model.{key}' if key in MODEL_KEYS else key
+    path = f'model.{key}' if key in config.model else key  # a bare model field
     *parents, leaf = path.split('.')
     node = config
     for p in parents:
@@ -124,10 +123,13 @@ def apply_overrides(config, overrides):
   return config
 
 
-def get_config(arg=''):
+def get_config(arg='', model=None):
+  """`model`: another `config.model` (a dict), for experiments built on this recipe."""
   preset, overrides = parse_arg(arg)
   overrides.pop('seeds', None)  # a sweep-only key, read by get_sweep
   config = base_config()
+  if model is not None:
+    config.model = ml_collections.ConfigDict(model)
   PRESETS[preset](config)
   apply_overrides(config, overrides)
   config.lock()
