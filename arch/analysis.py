@@ -86,6 +86,30 @@ def final_table(runs, index='model.depth', columns='model.shortcut', value='trai
   return (100 * runs.pivot_table(index=index, columns=columns, values=value, aggfunc='mean')).round(2)
 
 
+def variant_stats(runs, column, variants, value='test_error'):
+  """Per variant of `column`, in the order given: `error` (mean of `value` over
+  seeds, %), `spread` (max - min over seeds, percentage points), `seeds`, `macs`
+  and `params`. What experiments' verdicts rest on; a ValueError says why there is
+  nothing to rest on (a variant with no runs, a run not done)."""
+  if runs.empty or column not in runs:
+    raise ValueError(f'no runs with a {column} column')
+  rows = runs[runs[column].isin(variants)]
+  missing = [str(v) for v in variants if v not in set(rows[column])]
+  if missing:
+    raise ValueError(f'no runs of {column}={", ".join(missing)}')
+  if value not in rows or 'status' not in rows:
+    raise ValueError(f'no run has a {value} yet')
+  unfinished = rows[(rows['status'] != 'done') | rows[value].isna()]
+  if len(unfinished):
+    raise ValueError(f'{len(unfinished)} of {len(rows)} runs not done: {", ".join(unfinished["run"])}')
+  group = rows.groupby(column)
+  stats = pd.DataFrame({'error': 100 * group[value].mean(),
+                        'spread': 100 * (group[value].max() - group[value].min()),
+                        'seeds': group[value].count(), 'macs': group['macs'].mean(),
+                        'params': group['params'].mean()})
+  return stats.loc[list(variants)]
+
+
 def load_diagnostics(path):
   """Every run's diagnostics.jsonl (step, block, grad_norm, branch_ratio) with the
   run's config columns, as one DataFrame."""
