@@ -207,19 +207,26 @@ MOBILENET_BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (
 
 
 class MobileNet(nn.Module):
-  """Children: `stem`, `block1`..`block13`, `head`."""
+  """Children: `stem`, `block1`..`block13`, `head`.
+
+  `stem_strides=1` and `num_blocks` < 13 make the small-image variant (as the
+  ResNet paper's CIFAR nets are for ImageNet's): the first blocks of the same
+  net, so 8x8 digits keep a 2x2 map at block 5 instead of reaching 1x1 at block 4.
+  """
   num_classes: int = 1000
   alpha: float = 1.0
   depth_multiplier: int = 1
   dropout: float = 0.0
   min_input_size: int = 0
+  stem_strides: int = 2
+  num_blocks: int = len(MOBILENET_BLOCKS)
 
   @nn.compact
   def __call__(self, x, train=False):
     x = resize_to_min(x, self.min_input_size)
-    x = layers.ConvUnit(int(32 * self.alpha), 3, 2, act='relu6', bn_epsilon=1e-3,
+    x = layers.ConvUnit(int(32 * self.alpha), 3, self.stem_strides, act='relu6', bn_epsilon=1e-3,
                         name='stem')(x, train)
-    for i, (f, s) in enumerate(MOBILENET_BLOCKS):
+    for i, (f, s) in enumerate(MOBILENET_BLOCKS[:self.num_blocks]):
       x = MobileNetBlock(f, self.alpha, s, self.depth_multiplier, name=f'block{i + 1}')(x, train)
     return ConvHead(self.num_classes, self.dropout, name='head')(x, train)
 
@@ -232,13 +239,18 @@ def _check_alpha(net, alpha):
 
 
 @register('mobilenet')
-def mobilenet(num_classes=1000, alpha=1.0, depth_multiplier=1, dropout=0.0, min_input_size=0):
-  """Keras' default dropout is 1e-3; the paper's alpha values are 0.25, 0.5, 0.75, 1."""
+def mobilenet(num_classes=1000, alpha=1.0, depth_multiplier=1, dropout=0.0, min_input_size=0,
+              stem_strides=2, num_blocks=len(MOBILENET_BLOCKS)):
+  """Keras' default dropout is 1e-3; the paper's alpha values are 0.25, 0.5, 0.75, 1.
+  The published net has stem_strides=2 and all 13 blocks."""
   check_common_args('mobilenet', num_classes, dropout, min_input_size)
   _check_alpha('mobilenet', alpha)
   if isinstance(depth_multiplier, bool) or not isinstance(depth_multiplier, int) or depth_multiplier < 1:
     raise ValueError(f'mobilenet: depth_multiplier must be a positive int, got {depth_multiplier!r}')
-  return MobileNet(num_classes, float(alpha), depth_multiplier, dropout, min_input_size)
+  check_choice('mobilenet', 'stem_strides', stem_strides, (1, 2))
+  check_choice('mobilenet', 'num_blocks', num_blocks, tuple(range(1, len(MOBILENET_BLOCKS) + 1)))
+  return MobileNet(num_classes, float(alpha), depth_multiplier, dropout, min_input_size,
+                   stem_strides, num_blocks)
 
 
 # --- MobileNet v2 (Sandler et al. 2018) ---
