@@ -146,6 +146,90 @@ def plot_block_diagnostics(diagnostics, value, axes=None, step='first'):
   return axes
 
 
+def variant_columns(runs):
+  """The config columns that tell a sweep's variants apart: dotted ones (`model.width`), not `seed`."""
+  return [c for c in runs.columns if '.' in c]
+
+
+def variant_means(runs, values=('train_error', 'test_error', 'params', 'macs')):
+  """Done runs only, averaged over seeds: one row per variant, `variant_columns` kept."""
+  done = runs[runs['status'] == 'done'] if 'status' in runs else runs.iloc[:0]
+  keys = variant_columns(done) or ['run']
+  values = [v for v in values if v in done]
+  if done.empty:
+    return pd.DataFrame(columns=[*keys, *values])
+  return done.groupby(keys, dropna=False, sort=False)[values].mean().reset_index()
+
+
+def pareto_front(points, x='macs', y='test_error'):
+  """The points no other point beats on both cost `x` and error `y`, by increasing `x`."""
+  points = points.dropna(subset=[x, y]).sort_values([x, y])
+  return points[points[y] < points[y].cummin().shift(fill_value=float('inf'))]
+
+
+def plot_pareto(experiments, x='macs', y='test_error', ax=None):
+  """Error (%) against cost for several sweeps ({name: runs}): one colour and
+  marker per experiment, one point per variant (mean over seeds), and the Pareto
+  front of all of them as a step line: the cheapest net for each error level."""
+  import matplotlib.pyplot as plt
+  if ax is None:
+    _, ax = plt.subplots(figsize=(7, 4.5))
+  points = []
+  for i, (name, runs) in enumerate(experiments.items()):
+    means = variant_means(runs).assign(experiment=name)
+    ax.scatter(means[x], 100 * means[y], marker='osD^vP*X'[i % 8], color=f'C{i}', label=name)
+    points.append(means)
+  front = pareto_front(pd.concat(points, ignore_index=True), x, y) if points else None
+  if front is not None and len(front):
+    ax.step(front[x], 100 * front[y], where='post', color='k', lw=1, alpha=0.5, label='Pareto front')
+  ax.set_xscale('log')
+  ax.set_xlabel({'macs': 'multiply-adds per example', 'params': 'parameters'}.get(x, x))
+  ax.set_ylabel(f'{y.replace("_", " ")} (%)')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  return ax
+
+
+def plot_claim(runs, claim, verdict, ax=None):
+  """One claim's panel: final train and test error (%) per variant (mean over
+  seeds), titled with the paper's claim and the sweep's verdict on it."""
+  import textwrap
+  import matplotlib.pyplot as plt
+  if ax is None:
+    _, ax = plt.subplots(figsize=(6, 4.5))
+  means = variant_means(runs)
+  keys = variant_columns(means)
+  labels = [', '.join(f'{k.split(".")[-1]}={row[k]}' for k in keys) or 'all'
+            for _, row in means.iterrows()]
+  positions = range(len(means))
+  ax.bar([p - 0.2 for p in positions], 100 * means.get('train_error', 0), 0.4, label='train')
+  ax.bar([p + 0.2 for p in positions], 100 * means.get('test_error', 0), 0.4, label='test')
+  ax.set_xticks(list(positions), labels, rotation=45, ha='right', fontsize=7)
+  ax.set_ylabel('final error (%)')
+  ax.legend(fontsize=7)
+  colour = {'agrees': 'green', 'disagrees': 'red'}.get(verdict.split(':')[0], 'grey')
+  ax.set_title(textwrap.fill(claim, 80), fontsize=7, loc='left')
+  ax.text(0, -0.35, textwrap.fill(verdict, 90), transform=ax.transAxes, fontsize=7, color=colour,
+          va='top')
+  return ax
+
+
+def experiment_verdict(workdir, runs):
+  """The verdict(runs) line of the experiment that made the sweep in `workdir`
+  (its sweep.json names the file), or None when it defines none."""
+  from arch import sweep
+  spec = runfiles.read_json(os.path.join(workdir, 'sweep.json')).get('experiment')
+  if not spec:
+    return None
+  path = sweep.split_spec(spec)[0]
+  if not os.path.isfile(path):  # a path relative to the repository, run from elsewhere
+    path = os.path.join(sweep.ROOT, path)
+  if not os.path.isfile(path):
+    return None
+  verdict = getattr(sweep.load_experiment(path), 'verdict', None)
+  return verdict(runs) if callable(verdict) else None
+
+
 def write_report(workdir, print_table=True):
   """`launch.py report`: summary.csv (one row per member) and report.png (Figure 6)."""
   import matplotlib
@@ -157,8 +241,8 @@ def write_report(workdir, print_table=True):
   overrides = sorted({k for m in runfiles.read_json(os.path.join(workdir, 'sweep.json'))
                       .get('members', []) for k in m['overrides']})
   config_columns = overrides or [c for c in runs.columns if '.' in c]
-  wanted = ['run', *config_columns, 'status', 'train_error', 'test_error', 'params', 'macs', 'steps',
-            'wall_seconds', 'reason']
+  wanted = ['run', *config_columns, 'status', 'train_error', 'test_error', 'params', 'macs', 'step',
+            'wall_s', 'reason']
   table = runs[[c for c in wanted if c in runs.columns]].sort_values(config_columns or 'run')
   table.to_csv(os.path.join(workdir, 'summary.csv'), index=False)
   if 'model.shortcut' in metrics and 'model.depth' in metrics:
@@ -176,4 +260,7 @@ def write_report(workdir, print_table=True):
   if print_table:
     with pd.option_context('display.width', 200, 'display.max_columns', 20):
       print(table.drop(columns=[c for c in ('reason',) if c in table]).to_string(index=False))
+    verdict = experiment_verdict(workdir, runs)
+    if verdict:
+      print(verdict)
   return table
