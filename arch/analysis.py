@@ -161,6 +161,13 @@ def variant_means(runs, values=('train_error', 'test_error', 'params', 'macs')):
   return done.groupby(keys, dropna=False, sort=False)[values].mean().reset_index()
 
 
+def power_law_exponent(x, y):
+  """b in y ~ x^b, a least-squares line through log y against log x: how a cost
+  scales with a width multiplier (2 for "quadratically")."""
+  import numpy as np
+  return float(np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)[0])
+
+
 def pareto_front(points, x='macs', y='test_error'):
   """The points no other point beats on both cost `x` and error `y`, by increasing `x`."""
   points = points.dropna(subset=[x, y]).sort_values([x, y])
@@ -208,9 +215,8 @@ def plot_claim(runs, claim, verdict, ax=None):
   ax.set_ylabel('final error (%)')
   ax.legend(fontsize=7)
   colour = {'agrees': 'green', 'disagrees': 'red'}.get(verdict.split(':')[0], 'grey')
-  ax.set_title(textwrap.fill(claim, 80), fontsize=7, loc='left')
-  ax.text(0, -0.35, textwrap.fill(verdict, 90), transform=ax.transAxes, fontsize=7, color=colour,
-          va='top')
+  ax.set_title(textwrap.fill(claim, 100), fontsize=7, loc='left')
+  ax.set_xlabel(textwrap.fill(verdict, 110), fontsize=7, color=colour, loc='left')
   return ax
 
 

@@ -59,6 +59,22 @@ def get_config(arg=''):
   return config
 
 
+def execute_notebook(name, parameters):
+  """Runs notebooks/<name> with its one cell tagged `parameters` replaced by the
+  source `parameters`; returns the executed notebook and its PNG outputs."""
+  import nbformat
+  from nbclient import NotebookClient
+  nb = nbformat.read(os.path.join(ROOT, 'notebooks', name), as_version=4)
+  cells = [c for c in nb.cells if 'parameters' in c.metadata.get('tags', [])]
+  assert len(cells) == 1, f'{name} needs one cell tagged parameters'
+  cells[0].source = parameters
+  NotebookClient(nb, timeout=300, kernel_name='python3',
+                 resources={'metadata': {'path': os.path.join(ROOT, 'notebooks')}}).execute()
+  images = [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])
+            if 'image/png' in o.get('data', {})]
+  return nb, images
+
+
 def assert_one_line_error(proc, *words):
   """Status 2 and stderr exactly one line, `error: ...`, containing `words`."""
   lines = proc.stderr.strip().splitlines()

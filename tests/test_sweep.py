@@ -1,15 +1,12 @@
 """Sweeps end to end on a tiny experiment: expansion, failure isolation, skip-done,
 submitit's local executor, the report, and the notebooks executed against it."""
 import json
-import os
 
-import nbformat
 import pandas as pd
 import pytest
-from nbclient import NotebookClient
 
 from arch import sweep
-from conftest import DEGRADATION, ROOT, TINY, assert_one_line_error, launch
+from conftest import DEGRADATION, TINY, assert_one_line_error, execute_notebook, launch
 
 # Depth 8 and 14, plain and option A, and one member whose loss diverges.
 TINY_EXPERIMENT = f'''
@@ -134,12 +131,5 @@ def test_submitit_local_executor(experiment, tmp_path):
 @pytest.mark.parametrize('notebook', ['degradation.ipynb'])
 def test_notebook_runs(swept, notebook):
   workdir, _ = swept
-  nb = nbformat.read(os.path.join(ROOT, 'notebooks', notebook), as_version=4)
-  parameters = [c for c in nb.cells if 'parameters' in c.metadata.get('tags', [])]
-  assert len(parameters) == 1, 'the notebook needs one cell tagged parameters'
-  parameters[0].source = f'SWEEP_DIR = {str(workdir)!r}'
-  NotebookClient(nb, timeout=300, kernel_name='python3',
-                 resources={'metadata': {'path': os.path.join(ROOT, 'notebooks')}}).execute()
-  images = [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])
-            if 'image/png' in o.get('data', {})]
+  _, images = execute_notebook(notebook, f'SWEEP_DIR = {str(workdir)!r}')
   assert len(images) >= 3
