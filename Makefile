@@ -8,12 +8,24 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt constraints.txt
 	$(BIN)/pip install -q -r requirements-dev.txt -c constraints.txt
 	touch $@
 
-.PHONY: venv test demo
-venv: $(BIN)/.installed
+# oneDNN convolutions for XLA:CPU (arch/kernels): headers and libdnnl from the
+# pinned onednn wheels in the venv, XLA's FFI headers from jaxlib; found at run
+# time through the venv-relative rpath. Without it, arch falls back to pure XLA.
+KERNEL := arch/kernels/_onednn_conv.so
+CXX ?= g++
 
-test: venv
+$(KERNEL): arch/kernels/onednn_conv.cc $(BIN)/.installed
+	$(CXX) -O2 -std=c++17 -shared -fPIC -o $@ $< -I$(VENV)/include \
+	  -isystem "$$($(BIN)/python -c 'import jax; print(jax.ffi.include_dir())')" \
+	  -L$(VENV)/lib -ldnnl -Wl,-rpath,'$$ORIGIN/../../$(VENV)/lib'
+
+.PHONY: venv kernels test demo
+venv: $(BIN)/.installed
+kernels: $(KERNEL)
+
+test: venv kernels
 	$(BIN)/python -m pytest -q tests
 
-demo: venv
+demo: venv kernels
 	$(BIN)/python launch.py sweep --config experiments/degradation.py --workdir runs/degradation
 	$(BIN)/python launch.py report --workdir runs/degradation

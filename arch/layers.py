@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from arch import kernels
+
 ACTIVATIONS = {
     'relu': nn.relu,
     'relu6': nn.relu6,
@@ -60,9 +62,40 @@ def xla_cpu_workarounds(enabled=True):
     _WORKAROUNDS[0] = saved
 
 
+_ONEDNN = [None]
+
+
+@contextlib.contextmanager
+def onednn_convs(enabled=True):
+  """Sends the plain convs of the models traced inside to oneDNN (True) or keeps
+  them in XLA (False); `benchmarks/throughput.py --xla` times both side by side.
+
+  The default (None) is oneDNN when its library loaded (arch/kernels), the backend
+  is CPU and the process has one device. Multi-device programs keep XLA: the SPMD
+  partitioner knows nothing of a custom call, so it gathers the whole batch onto
+  every device and each computes every image's conv (right, but N times the work).
+  """
+  saved = _ONEDNN[0]
+  _ONEDNN[0] = enabled
+  try:
+    yield
+  finally:
+    _ONEDNN[0] = saved
+
+
+def _onednn_on():
+  if _ONEDNN[0] is None:
+    return jax.default_backend() == 'cpu' and jax.device_count() == 1 and kernels.available()
+  return _ONEDNN[0] and kernels.available()
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None):
-  """`lax.conv_general_dilated` for `nn.Conv`, with one CPU pathology routed around.
+  """`lax.conv_general_dilated` for `nn.Conv`, on oneDNN or with CPU pathologies routed around.
+
+  On CPU, plain convolutions (NHWC x HWIO f32, one group, no dilation) go to
+  oneDNN (`arch.kernels.conv`, see `onednn_convs`): XLA:CPU's kernel gradients
+  are its slowest convolutions. Without oneDNN, two XLA:CPU workarounds:
 
   When the image is smaller than the kernel (3x3 on the 2x2 maps of the 8x8
   digits' last stage), XLA swaps the conv's operands and XLA:CPU then runs it
@@ -77,6 +110,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   plain = (lhs.ndim == 4 and feature_group_count == 1 and not _dilated(lhs_dilation)
            and not _dilated(rhs_dilation) and _is_nhwc(dimension_numbers, lhs.ndim))
   small = any(i < k for i, k in zip(lhs.shape[1:3], window))
+  if plain and lhs.dtype == rhs.dtype == jnp.float32 and _onednn_on():
+    pads = padding
+    if isinstance(pads, str):
+      pads = lax.padtype_to_pads(lhs.shape[1:3], window, window_strides, pads)
+    pads = tuple(map(tuple, pads))
+    if min(min(p) for p in pads) >= 0:
+      return kernels.conv(lhs, rhs, tuple(window_strides), pads)
   if _WORKAROUNDS[0] and plain and small:
     return im2col_conv(lhs, rhs, tuple(window_strides), padding, precision)
   if _WORKAROUNDS[0] and plain and _IN_LOOP[0]:

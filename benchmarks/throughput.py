@@ -13,8 +13,10 @@ them all alike: on a shared machine, read the ratios, not the absolute figures.
   python benchmarks/throughput.py --models r56-cifar,plain56-cifar --before
   python benchmarks/throughput.py --models r110-cifar,r1202-cifar-scan --rounds 1
 
-`--before` also times each model with the project's XLA:CPU workarounds off
-(arch/layers.py `xla_cpu_workarounds`), i.e. the code as it was. `--compare-torch`
+`--before` also times each model with the project's XLA:CPU workarounds and
+oneDNN convolutions off (arch/layers.py `xla_cpu_workarounds`, `onednn_convs`),
+i.e. the code as it was; `--xla` with only oneDNN off (pure XLA, workarounds
+on). Unlabelled rows use oneDNN when arch/kernels loaded it. `--compare-torch`
 times the same CIFAR ResNet in PyTorch CPU eager (best of NCHW and
 channels-last) in the same rounds and prints JAX/PyTorch. Pin the process
 (`taskset -c 0,1`) and report `uptime`'s load average with the figures.
@@ -32,7 +34,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import arch  # noqa: E402
-from arch import layers  # noqa: E402
+from arch import kernels, layers  # noqa: E402
 
 CIFAR, DIGITS = (32, 32, 3), (8, 8, 1)
 
@@ -76,9 +78,10 @@ def train_step_fn(model, tx):
 class JaxCase:
   """One model at one batch size: compiled train and eval steps and their timings."""
 
-  def __init__(self, name, config, shape, batch, workarounds=True):
+  def __init__(self, name, config, shape, batch, variant=''):
+    """variant: '' (the default routing), 'xla' (oneDNN off), 'before' (both off)."""
     self.name, self.shape, self.batch = name, shape, batch
-    self.label = name if workarounds else f'{name} (before)'
+    self.label = f'{name} ({variant})' if variant else name
     model = arch.build(config)
     unrolled = arch.build({k: v for k, v in config.items() if k != 'scan_blocks'})
     self.params = arch.count_params(model, shape)['params']
@@ -87,7 +90,8 @@ class JaxCase:
     self.x = jnp.asarray(rng.standard_normal((batch, *shape), np.float32))
     self.y = jnp.asarray(rng.integers(0, 10, batch))
     tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
-    with layers.xla_cpu_workarounds(workarounds):
+    with layers.xla_cpu_workarounds(variant != 'before'), \
+        layers.onednn_convs(None if not variant else False):
       variables = jax.jit(model.init)(jax.random.key(0), self.x[:1])
       self.state = (variables['params'], variables.get('batch_stats', {}),
                     tx.init(variables['params']))
@@ -159,20 +163,24 @@ def main(argv=None):
   parser.add_argument('--rounds', type=int, default=5, help='interleaved timing rounds')
   parser.add_argument('--steps', type=int, default=3, help='steps per round (warm-up excluded)')
   parser.add_argument('--before', action='store_true', help='also time with the workarounds off')
+  parser.add_argument('--xla', action='store_true', help='also time with oneDNN convs off')
   parser.add_argument('--compare-torch', action='store_true')
   parser.add_argument('--csv', default='benchmarks/results.csv')
   args = parser.parse_args(argv)
 
   print(f'jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, '
-        f'affinity {sorted(os.sched_getaffinity(0))}, load average {os.getloadavg()}', flush=True)
+        f'affinity {sorted(os.sched_getaffinity(0))}, load average {os.getloadavg()}, oneDNN convs '
+        f'{"on" if kernels.available() else "off"}, OMP_NUM_THREADS '
+        f'{os.environ.get("OMP_NUM_THREADS", "unset")}', flush=True)
   cases, torch_cases = [], []
   for name in args.models.split(','):
     if name not in MODELS:
       parser.error(f'unknown model {name!r}; choose from {", ".join(MODELS)}')
     config, shape = MODELS[name]
     for batch in map(int, args.batch_sizes.split(',')):
-      for workarounds in ((True, False) if args.before else (True,)):
-        case = JaxCase(name, config, shape, batch, workarounds)
+      variants = [''] + ['xla'] * args.xla + ['before'] * args.before
+      for variant in variants:
+        case = JaxCase(name, config, shape, batch, variant)
         print(f'{case.label:28s} batch {batch}: compile {case.compile_s:6.1f} s, first step '
               f'{case.first_step_s:6.2f} s', flush=True)
         cases.append(case)
@@ -228,8 +236,8 @@ def ratios(cases, torch_cases):
       plain = f'plain{name[1:]}{suffix}'
       if (plain, batch) in train:
         out.append(f'residual overhead {label} / {plain}, batch {batch}: {t / train[(plain, batch)]:.2f}x')
-    if suffix == ' (before)' and (name, batch) in train:
-      out.append(f'speed-up {name} vs before, batch {batch}: {t / train[(name, batch)]:.2f}x')
+    if suffix in (' (before)', ' (xla)') and (name, batch) in train:
+      out.append(f'speed-up {name} vs{suffix}, batch {batch}: {t / train[(name, batch)]:.2f}x')
   for tc in torch_cases:
     if not any(tc.times.values()):
       continue

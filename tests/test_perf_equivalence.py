@@ -16,6 +16,13 @@ from arch.resnet import scan_params
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(autouse=True)
+def pure_xla():
+  """These test the pure-XLA path; tests/test_onednn.py the oneDNN convolutions."""
+  with layers.onednn_convs(False):
+    yield
+
+
 def conv_pair(features, kernel, strides, padding, x, use_bias=False):
   """(reference flax Conv, project Conv) with the same parameters."""
   ref = nn.Conv(features, kernel, strides, padding=padding, use_bias=use_bias)

@@ -1,0 +1,134 @@
+"""oneDNN convolutions (arch/kernels, routed by arch/layers.py) compute what
+`flax.linen.Conv` computes: outputs, input and kernel gradients, for the shapes
+the nets have; bit for bit the same twice; and everything falls back to pure XLA
+when they are off. tests/test_perf_equivalence.py covers that pure-XLA path.
+The library is built by `make kernels` (`make test` does it): without it these
+tests fail rather than skip, so a broken build cannot pass CI unnoticed."""
+import logging
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import arch
+from arch import kernels, layers
+from arch.resnet import scan_params
+from conftest import ROOT, clean_env
+
+TARGET = 'onednn_conv_forward'
+
+
+def lowered(f, *args):
+  return jax.jit(f).lower(*args).as_text()
+
+
+def assert_close(got, want, rtol=1e-5):
+  """Elementwise within float tolerance of the largest value: sums of up to
+  128 * 32 * 32 terms in another order."""
+  np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * float(np.max(np.abs(want))))
+
+
+@pytest.mark.parametrize('shape,kernel,strides,padding', [
+    ((4, 8, 8, 16), (3, 3), (1, 1), 'SAME'),
+    ((4, 8, 8, 16), (3, 3), (2, 2), 'SAME'),        # pads (0, 1)
+    ((4, 2, 2, 64), (3, 3), (1, 1), 'SAME'),        # image smaller than the kernel
+    ((1, 1, 1, 8), (3, 3), (1, 1), 'SAME'),
+    ((2, 7, 6, 4), (3, 3), (2, 2), 'VALID'),
+    ((2, 7, 6, 4), (3, 3), (2, 1), ((2, 0), (1, 3))),  # explicit, uneven
+    ((4, 8, 8, 16), (1, 1), (2, 2), 'SAME'),        # option-B/C projection shortcut
+    ((1, 32, 32, 3), (3, 3), (1, 1), 'SAME'),       # CIFAR stem, batch 1
+    ((128, 32, 32, 16), (3, 3), (1, 1), 'SAME'),    # CIFAR stage 1, batch 128
+])
+def test_matches_flax_conv(shape, kernel, strides, padding):
+  x = jax.random.normal(jax.random.key(0), shape)
+  ref = nn.Conv(16, kernel, strides, padding=padding, use_bias=True)
+  ours = layers.Conv(16, kernel, strides, padding=padding, use_bias=True)
+  variables = ref.init(jax.random.key(1), x)
+  variables = jax.tree.map(lambda v: v + 0.1, variables)  # a non-zero bias
+
+  def grads(model):
+    return jax.jit(jax.grad(lambda v, x: jnp.sum(jnp.sin(model.apply(v, x))), argnums=(0, 1)))(
+        variables, x)
+
+  with layers.onednn_convs(True):
+    assert TARGET in lowered(ours.apply, variables, x)
+    out, ours_grads = jax.jit(ours.apply)(variables, x), grads(ours)
+  assert_close(out, ref.apply(variables, x))
+  for a, b in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(grads(ref))):
+    assert_close(a, b, rtol=1e-4)
+
+
+def test_bitwise_deterministic():
+  """Kernel gradients sum over the batch across threads: the same bits every call,
+  and from a second compilation (a resumed run's)."""
+  x = jax.random.normal(jax.random.key(0), (128, 32, 32, 16))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 16, 16))
+  loss = lambda x, w: jnp.sum(jnp.sin(kernels.conv(x, w, (1, 1), ((1, 1), (1, 1)))))
+  first = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  second = jax.jit(jax.grad(lambda x, w: loss(x, w), argnums=(0, 1)))
+  runs = [first(x, w), first(x, w), second(x, w)]
+  for run in runs[1:]:
+    for a, b in zip(run, runs[0]):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_scan_blocks_and_vmap():
+  """Inside `nn.scan` bodies (custom calls in a while loop) and under `jax.vmap`
+  (num_seeds: one call per replica), the same function as unrolled XLA."""
+  config = dict(name='cifar_resnet', depth=14)  # 2 blocks a stage: 1 scanned
+  unrolled, scanned = arch.build(config), arch.build(dict(config, scan_blocks=True))
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+  variables = unrolled.init(jax.random.key(1), x)
+
+  def grads(model, v):
+    loss = lambda p: jnp.sum(model.apply({**v, 'params': p}, x, train=True,
+                                         mutable=['batch_stats'])[0] ** 2)
+    return jax.jit(jax.grad(loss))(v['params'])
+
+  with layers.onednn_convs(False):
+    want = scan_params(grads(unrolled, variables), 2)
+  with layers.onednn_convs(True):
+    got = grads(scanned, {k: scan_params(v, 2) for k, v in variables.items()})
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert_close(a, b, rtol=1e-4)
+
+  w = jax.random.normal(jax.random.key(2), (3, 3, 3, 3, 8))  # 3 replicas' kernels
+  conv = lambda w, f: f(x, w, (1, 1), ((1, 1), (1, 1)))
+  lax_conv = lambda x, w, s, p: jax.lax.conv_general_dilated(
+      x, w, s, p, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  assert_close(jax.jit(jax.vmap(lambda w: conv(w, kernels.conv)))(w),
+               jax.vmap(lambda w: conv(w, lax_conv))(w))
+
+
+def test_off_is_pure_xla():
+  x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 8))
+  conv = lambda x, w: layers.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  with layers.onednn_convs(False):
+    text = lowered(conv, x, w)
+  assert TARGET not in text and 'convolution' in text
+  # Not routed even when on: grouped convs and other dtypes.
+  with layers.onednn_convs(True):
+    grouped = layers.Conv(8, (3, 3), feature_group_count=4)
+    assert TARGET not in lowered(grouped.apply, grouped.init(jax.random.key(0), x), x)
+    assert TARGET not in lowered(conv, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+
+
+def test_missing_library_is_one_warning(caplog, tmp_path):
+  with caplog.at_level(logging.WARNING):
+    assert kernels.load(str(tmp_path / 'missing.so')) is False
+  assert len(caplog.records) == 1 and 'pure XLA' in caplog.records[0].getMessage()
+  assert kernels.available()  # the real library stays registered
+
+
+def test_default_is_one_device_cpu():
+  """On by default for one CPU device; off for meshes of several (see onednn_convs)."""
+  assert layers._onednn_on() == (jax.device_count() == 1)
+  code = 'import jax; from arch import layers; print(jax.device_count(), layers._onednn_on())'
+  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                       env=clean_env(XLA_FLAGS='--xla_force_host_platform_device_count=2'))
+  assert out.stdout.split() == ['2', 'False'], out.stderr
