@@ -18,6 +18,12 @@ it inside the jitted step: no input pipeline, no host-to-device copy per step.
 `data.holdout = k` moves k training images (a fixed random subset, the same for
 every seed) to a 'val' split, e.g. CIFAR-10's 45k/5k.
 
+`data.classes = (5, 6, 7, 8, 9)` keeps those classes in every split, relabelled
+0..k-1 in the given order; `data.train_per_class = n` keeps n training images
+of each class, the first n of a fixed permutation (seed 0, not the run's), so
+the 5-shot images are among the 10-shot ones. Both apply before `holdout`; unset
+(None, 0), every class and every image are kept.
+
 TensorFlow is imported only on the TFDS path: it is slow to import and its
 threads compete with XLA's.
 """
@@ -65,6 +71,10 @@ def load(config):
     splits, num_classes = LOCAL[name](config)
   else:
     splits, num_classes = _load_tfds(name.removeprefix('tfds:'), config.get('data_dir'))
+  if config.get('classes'):
+    splits, num_classes = _select_classes(splits, num_classes, tuple(config.classes))
+  if config.get('train_per_class', 0):
+    splits = _per_class(splits, config.train_per_class, num_classes)
   if config.get('holdout', 0):
     splits = _holdout(splits, config.holdout)
   return _assemble(name, splits, num_classes)
@@ -82,6 +92,32 @@ def _assemble(name, splits, num_classes):
   mean, std = train.mean(0), train.std(0)
   return Data(name, images, labels, ranges, num_classes,
               mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32))
+
+
+def _select_classes(splits, num_classes, classes):
+  """Keeps `classes` in every split; label classes[i] becomes i."""
+  if len(set(classes)) != len(classes) or not all(
+      isinstance(c, int) and 0 <= c < num_classes for c in classes):
+    raise ValueError(f'data.classes={classes} must be distinct labels in 0..{num_classes - 1}')
+  relabel = np.full(num_classes, -1)
+  relabel[list(classes)] = np.arange(len(classes))
+  out = {}
+  for split, (x, y) in splits.items():
+    keep = relabel[y] >= 0
+    out[split] = (x[keep], relabel[y[keep]])
+  return out, len(classes)
+
+
+def _per_class(splits, n, num_classes):
+  """Keeps the first `n` training images of each class in a fixed permutation."""
+  x, y = splits['train']
+  order = np.random.RandomState(0).permutation(len(y))
+  counts = np.bincount(y, minlength=num_classes)
+  if not 0 < n <= counts.min():
+    raise ValueError(f'data.train_per_class={n} must be between 1 and {counts.min()}, the '
+                     f'training images of class {counts.argmin()}')
+  keep = np.sort(np.concatenate([order[y[order] == c][:n] for c in range(num_classes)]))
+  return dict(splits, train=(x[keep], y[keep]))
 
 
 def _holdout(splits, k):

@@ -85,6 +85,7 @@ from arch import data as data_lib
 from arch import diagnostics
 from arch import optim
 from arch import runfiles
+from arch import transfer
 
 # Config keys that may differ between a run and its resumption.
 RUN_CONTROL_KEYS = ('stop_after',)
@@ -154,6 +155,7 @@ def prepare(config, workdir, restart=False, devices=None):
   if config.batch_size > data.size('train'):
     raise ValueError(f'batch_size={config.batch_size} exceeds the {data.size("train")} '
                      f'training images')
+  transfer.check(config, model, data.shape)  # optimizer.trainable, init_from
   mesh = jax.make_mesh((len(devices),), ('data',), (jax.sharding.AxisType.Auto,),
                        devices=devices)
   return Job(config, workdir, restart, model, data, mesh)
@@ -325,6 +327,7 @@ def _run(job, lead, signals):
     # XLA:CPU compiles the non-partitionable threefry about 4x faster.
     with jax.threefry_partitionable(False):
       state = init()
+    state = transfer.load_backbone(job, state)  # config.init_from
   images, labels = _replicate(job.data.images, job.mesh), _replicate(job.data.labels, job.mesh)
 
   shape = job.data.shape

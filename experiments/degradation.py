@@ -90,15 +90,16 @@ def base_config():
   return c
 
 
-def parse_arg(arg):
-  """'cifar10,depth=56,shortcut=none' -> ('cifar10', {'depth': 56, 'shortcut': 'none'})."""
+def parse_arg(arg, presets=PRESETS):
+  """'cifar10,depth=56,shortcut=none' -> ('cifar10', {'depth': 56, 'shortcut': 'none'}).
+  Another experiment passes its own `presets` (its default is also 'digits')."""
   preset, overrides = 'digits', {}
   for item in filter(None, (arg or '').split(',')):
     key, eq, value = item.partition('=')
     key = key.strip()
     if not eq:
-      if key not in PRESETS:
-        raise ValueError(f'unknown preset {key!r}; presets: {", ".join(PRESETS)}')
+      if key not in presets:
+        raise ValueError(f'unknown preset {key!r}; presets: {", ".join(presets)}')
       preset = key
       continue
     try:
