@@ -15,13 +15,27 @@ from arch import runfiles
 
 
 def run_dirs(path):
-  """A run directory itself, or the run directories one level below a sweep."""
+  """A run directory itself, or the run directories one level below a sweep. A
+  group of seeds trained as one program (config num_seeds > 1) stands for its
+  replicas' run directories, named `<group>,seed=<s>`."""
   if os.path.exists(os.path.join(path, 'config.json')):
-    return {os.path.basename(os.path.normpath(path)): path}
+    return _with_replicas(os.path.basename(os.path.normpath(path)), path)
   if not os.path.isdir(path):
     raise ValueError(f'{path!r} is not a run or sweep directory')
-  return {name: os.path.join(path, name) for name in sorted(os.listdir(path))
-          if os.path.exists(os.path.join(path, name, 'config.json'))}
+  dirs = {}
+  for name in sorted(os.listdir(path)):
+    if os.path.exists(os.path.join(path, name, 'config.json')):
+      dirs.update(_with_replicas(name, os.path.join(path, name)))
+  return dirs
+
+
+def _with_replicas(name, run_dir):
+  config = runfiles.read_json(os.path.join(run_dir, 'config.json'))
+  replicas = runfiles.replica_dirs(run_dir, config)
+  if not replicas:
+    return {name: run_dir}
+  return {f'{name},seed={s}': d for s, d in replicas.items()
+          if os.path.exists(os.path.join(d, 'config.json'))}
 
 
 def load(path):
@@ -247,6 +261,8 @@ def write_report(workdir, print_table=True):
   overrides = sorted({k for m in runfiles.read_json(os.path.join(workdir, 'sweep.json'))
                       .get('members', []) for k in m['overrides']})
   config_columns = overrides or [c for c in runs.columns if '.' in c]
+  if 'seed' in runs and 'seed' not in config_columns:  # seeds of groups (num_seeds > 1)
+    config_columns.append('seed')
   wanted = ['run', *config_columns, 'status', 'train_error', 'test_error', 'params', 'macs', 'step',
             'wall_s', 'reason']
   table = runs[[c for c in wanted if c in runs.columns]].sort_values(config_columns or 'run')

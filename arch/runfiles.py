@@ -181,3 +181,12 @@ def flatten(tree, prefix=''):
     else:
       out[f'{prefix}{key}'] = value
   return out
+
+
+def replica_dirs(workdir, config):
+  """{seed: run directory} of a group, `config.num_seeds` > 1 seeds trained in one
+  program (arch/train.py): `<workdir>/seed=<s>/` from `config.seed` on; {} for a single run."""
+  seed, count = config['seed'], config.get('num_seeds', 1)
+  if count == 1:
+    return {}
+  return {s: os.path.join(workdir, f'seed={s}') for s in range(seed, seed + count)}

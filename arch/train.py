@@ -1,4 +1,5 @@
-"""Trains one config into one run directory; rerunning resumes it bit for bit.
+"""Trains one config into one run directory (with num_seeds > 1, a group of run
+directories, below); rerunning resumes it bit for bit.
 
 Run directory (a contract: sweeps, notebooks and reports read it):
   config.json    the resolved config.
@@ -24,6 +25,24 @@ Run directory (a contract: sweeps, notebooks and reports read it):
   checkpoints.corrupt/  checkpoints that failed to restore, moved aside.
 JSON files are replaced atomically and JSON lines appended in one write
 (arch/runfiles.py).
+
+Seeds in one program (`config.num_seeds = k > 1`): k replicas of the run, seeds
+`config.seed + i`, train as one compiled program, `jax.vmap` over the state
+(params, BN statistics, optimizer state, RNG: init, data order, augmentation and
+dropout all derive from the seed) with the data set shared. Replica i computes
+what the run with seed `config.seed + i` alone computes, up to the order of float
+sums in the batched convolutions. The workdir then holds the group:
+  config.json, summary.json (status, step, wall_s, ... of the group, `seeds`,
+  and `failed`: {seed: reason}), checkpoints/ (the stacked state), run.lock, and
+  seed=<s>/      one run directory per replica, as the run with seed s alone
+                 would write it: config.json (seed=s, num_seeds=1),
+                 metrics.jsonl, diagnostics.jsonl, summary.json
+                 (arch/analysis.py reads these, one row per seed).
+A replica whose loss is not finite fails alone: its summary says failed with the
+reason and the step, its files stop there, and the others go on (its lanes of
+the program keep running). The group is done when it reaches num_steps, and then
+raises Diverged if any replica failed; when every replica has failed it stops as
+a single run does.
 
 Faults: a run killed at any moment resumes, on rerun, to exactly the result it
 would have had. A checkpoint is committed by orbax's atomic rename, and the
@@ -57,6 +76,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 import gc
 import json
 import os
@@ -122,6 +142,28 @@ class Job:
   mesh: jax.sharding.Mesh
 
 
+@dataclasses.dataclass
+class _Replica:
+  """Where one seed's results go: the workdir itself for a single run, else
+  `<workdir>/seed=<s>/` (runfiles.replica_dirs)."""
+  workdir: str
+  index: Any     # its row in the stacked state; None when nothing is stacked
+  seed: int
+  summary: dict  # a single run: the run's summary itself; else the replica's own fields
+  failed: str = ''  # why it stopped: its loss was not finite
+
+  def path(self, name):
+    return os.path.join(self.workdir, name)
+
+
+def _pick(tree, index):
+  """Replica `index`'s values of a stacked tree, its dicts' keys in their order (as a
+  single run writes them); the tree itself for index None."""
+  if index is None or not isinstance(tree, dict):
+    return tree if index is None else jax.tree.map(lambda x: x[index], tree)
+  return {k: _pick(v, index) for k, v in tree.items()}
+
+
 def train(config, workdir, restart=False, devices=None):
   """Trains (or resumes, or finds finished) the run in `workdir`; returns its summary."""
   return run(prepare(config, workdir, restart, devices))
@@ -135,6 +177,8 @@ def prepare(config, workdir, restart=False, devices=None):
   for key in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints'):
     if config[key] < 1:
       raise ValueError(f'{key}={config[key]} must be at least 1')
+  if config.get('num_seeds', 1) < 1:
+    raise ValueError(f'num_seeds={config.num_seeds} must be at least 1')
   devices = list(devices or jax.devices())
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] % len(devices):
@@ -210,8 +254,8 @@ def make_functions(job, tx, schedule):
   num_train = data.size('train')  # training rows come first in data.images
   augment = dict(config.data.augment)
 
-  def init():
-    init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  def init(seed=config.seed):
+    init_key, train_key = jax.random.split(jax.random.key(seed))
     x = jnp.zeros((1, *data.shape), jnp.float32)
     variables = model.init({'params': init_key, 'dropout': init_key}, x, train=False)
     params = variables['params']
@@ -257,6 +301,11 @@ def make_functions(job, tx, schedule):
     wrong = jnp.argmax(logits, -1) != labels[rows]
     return jnp.sum(jnp.where(valid, loss, 0.0)), jnp.sum(jnp.where(valid, wrong, 0))
 
+  if config.get('num_seeds', 1) > 1:  # one replica per seed, stacked; images and labels shared
+    seeds = config.seed + np.arange(config.num_seeds, dtype=np.int32)
+    init = functools.partial(jax.vmap(init), seeds)
+    train_step = jax.vmap(train_step, in_axes=(0, None, None))
+    eval_step = jax.vmap(eval_step, in_axes=(0, 0, None, None, None, None))
   return (jax.jit(init, out_shardings=replicated),
           jax.jit(train_step, donate_argnums=0, out_shardings=(replicated, replicated)),
           jax.jit(eval_step, out_shardings=replicated))
@@ -268,7 +317,8 @@ def _host(tree):
 
 
 def evaluate(eval_step, state, images, labels, job):
-  """{split: {'loss', 'error'}} over every split, in eval mode."""
+  """{split: {'loss', 'error'}} over every split, in eval mode; with seeds stacked,
+  each value is an array of one per seed."""
   out = {}
   batch = job.config.eval_batch_size
   for split, (start, stop) in job.data.ranges.items():
@@ -301,8 +351,13 @@ def _run(job, lead, signals):
       shutil.rmtree(paths[name], ignore_errors=True)
     for name in ('config.json', 'metrics.jsonl', 'diagnostics.jsonl', 'summary.json'):
       _remove(paths[name])
+    for name in os.listdir(workdir):
+      if name.startswith('seed='):  # a group's replicas
+        shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
   _sync('workdir')
   previous = runfiles.read_json(paths['summary.json'])
+  seed_dirs = runfiles.replica_dirs(workdir, config)
+  earlier = {s: runfiles.read_json(os.path.join(d, 'summary.json')) for s, d in seed_dirs.items()}
   manager = ocp.CheckpointManager(
       os.path.abspath(paths['checkpoints']),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
@@ -341,19 +396,47 @@ def _run(job, lead, signals):
       flax_version=flax.__version__)
   wall_before = previous.get('wall_s', 0.0) if start else 0.0
   t_session = time.perf_counter()
+  replicas = [_Replica(workdir, None, config.seed, summary)]
+  if seed_dirs:
+    replicas = [_Replica(d, i, s, {}) for i, (s, d) in enumerate(seed_dirs.items())]
+    for r in replicas:  # failed by the checkpoint: its lanes there are not finite
+      if earlier[r.seed].get('status') == 'failed' and earlier[r.seed].get('step', 0) <= start:
+        r.summary, r.failed = earlier[r.seed], earlier[r.seed].get('reason') or 'failed'
+
+  def group_summary():
+    if not seed_dirs:
+      return summary
+    return dict(summary, seeds=list(seed_dirs),
+                failed={r.seed: r.failed for r in replicas if r.failed})
+
+  def write_summaries():
+    """The workdir's summary.json and, in a group, each live replica's."""
+    if lead:
+      runfiles.write_json(paths['summary.json'], group_summary())
+      for r in replicas:
+        if r.index is not None and not r.failed:
+          runfiles.write_json(r.path('summary.json'), {**summary, **r.summary})
+
   if lead:
     runfiles.write_json(paths['config.json'], config_json(config))
-    kept = _truncate_metrics(paths['metrics.jsonl'], start)
-    _truncate_metrics(paths['diagnostics.jsonl'], start)
-    for line in kept:  # the last evaluation before the checkpoint
-      if 'split' in line:
-        summary.update({f'{line["split"]}_loss': line['loss'], f'{line["split"]}_error': line['error']})
-    runfiles.write_json(paths['summary.json'], summary)
+    for r in replicas:
+      if r.failed:
+        continue  # its files stay as they were when it failed
+      if r.index is not None:
+        os.makedirs(r.workdir, exist_ok=True)
+        runfiles.write_json(r.path('config.json'),
+                            dict(config_json(config), seed=r.seed, num_seeds=1))
+      kept = _truncate_metrics(r.path('metrics.jsonl'), start)
+      _truncate_metrics(r.path('diagnostics.jsonl'), start)
+      for line in kept:  # the last evaluation before the checkpoint
+        if 'split' in line:
+          r.summary.update({f'{line["split"]}_loss': line['loss'],
+                            f'{line["split"]}_error': line['error']})
+  write_summaries()
 
   def write_summary(**fields):
     summary.update(fields, wall_s=round(wall_before + time.perf_counter() - t_session, 2))
-    if lead:
-      runfiles.write_json(paths['summary.json'], summary)
+    write_summaries()
 
   stop = max(start, min(config.num_steps, config.stop_after or config.num_steps))
   pending = []                       # (step, metrics on device) since the last line
@@ -365,15 +448,25 @@ def _run(job, lead, signals):
 
   def check_finite():
     for step, m in pending:
-      loss = float(_host(m['loss']))
-      if not np.isfinite(loss):
-        last = manager.latest_step()
-        reason = (f'loss is {loss} at step {step}; last good checkpoint: '
-                  + (f'step {last}' if last else 'none'))
-        write_summary(status='failed', reason=reason)
-        bar.close()
-        manager.close()
-        raise Diverged(f'{reason}; stopped (summary.json says failed)')
+      losses = _host(m['loss'])
+      for r in replicas:
+        loss = float(_pick(losses, r.index))
+        if r.failed or np.isfinite(loss):
+          continue
+        r.failed = f'loss is {loss} at step {step}'
+        if r.index is not None:  # a replica fails alone; its files stop here
+          r.summary.update(status='failed', reason=r.failed, step=step)
+          if lead:
+            runfiles.write_json(r.path('summary.json'), {**summary, **r.summary})
+    if all(r.failed for r in replicas):
+      last = manager.latest_step()
+      reason = ('; '.join(f'seed {r.seed}: {r.failed}' for r in replicas) if seed_dirs
+                else replicas[0].failed)
+      reason += '; last good checkpoint: ' + (f'step {last}' if last else 'none')
+      write_summary(status='failed', reason=reason)
+      bar.close()
+      manager.close()
+      raise Diverged(f'{reason}; stopped (summary.json says failed)')
 
   stopping = False
   try:
@@ -397,19 +490,25 @@ def _run(job, lead, signals):
         train_time, train_steps = train_time + now - t_mark, train_steps + step - step_mark
       if log:
         values = _host([{k: v for k, v in m.items() if k != 'blocks'} for _, m in pending])
-        line = dict(step=step, loss=float(np.mean([v['loss'] for v in values])),
-                    error=float(np.mean([v['error'] for v in values])), lr=float(values[-1]['lr']),
-                    steps_per_s=round((step - step_mark) / max(now - t_mark, 1e-9), 3))
-        _append(paths['metrics.jsonl'], [line], lead)
+        for r in (r for r in replicas if not r.failed):
+          mine = [_pick(v, r.index) for v in values]
+          line = dict(step=step, loss=float(np.mean([v['loss'] for v in mine])),
+                      error=float(np.mean([v['error'] for v in mine])), lr=float(mine[-1]['lr']),
+                      steps_per_s=round((step - step_mark) / max(now - t_mark, 1e-9), 3))
+          _append(r.path('metrics.jsonl'), [line], lead)
         bar.set_postfix(loss=f'{line["loss"]:.4f}', refresh=False)
         pending = []
       if do_eval:
         results = evaluate(eval_step, state, images, labels, job)
-        _append(paths['metrics.jsonl'],
-                [dict(step=step, split=s, **r) for s, r in results.items()], lead)
-        write_summary(**{f'{s}_{k}': v for s, r in results.items() for k, v in r.items()})
-        _append(paths['diagnostics.jsonl'],
-                diagnostics.lines(step, _host(last_metrics['blocks'])), lead)
+        blocks = _host(last_metrics['blocks'])
+        for r in (r for r in replicas if not r.failed):
+          mine = _pick(results, r.index)
+          _append(r.path('metrics.jsonl'),
+                  [dict(step=step, split=s, **x) for s, x in mine.items()], lead)
+          r.summary.update({f'{s}_{k}': v for s, x in mine.items() for k, v in x.items()})
+          _append(r.path('diagnostics.jsonl'), diagnostics.lines(step, _pick(blocks, r.index)),
+                  lead)
+        write_summary()
       if save:
         _save(manager, step, state, paths['checkpoints'])
         write_summary(step=step)
@@ -429,9 +528,16 @@ def _run(job, lead, signals):
   if stopping:
     raise Interrupted(f'{signals.received or "another process"} at step {stop}: saved a '
                       f'checkpoint; rerun to resume -> {workdir}')
+  failed = [r for r in replicas if r.failed]
   if lead:
-    print(one_line(summary, workdir, done))
-  return summary
+    for r in replicas:
+      print(f'failed: {r.failed} -> {r.workdir}' if r.failed
+            else one_line({**summary, **r.summary}, r.workdir, done))
+  if done and failed:
+    raise Diverged(f'{len(failed)} of {len(replicas)} seeds diverged ('
+                   + '; '.join(f'seed {r.seed}: {r.failed}' for r in failed)
+                   + f'); the others are done -> {workdir}')
+  return group_summary()
 
 
 class _StopSignals:

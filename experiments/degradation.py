@@ -63,6 +63,7 @@ PRESETS = {f.__name__: f for f in (digits, fashion_mnist, cifar10)}
 def base_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.num_seeds = 1  # > 1: seeds seed, seed + 1, ... as one vmapped program (arch/train.py)
   c.model = ml_collections.ConfigDict(dict(
       name='cifar_resnet', depth=20, width=1.0, shortcut='A', block='basic', num_classes=10,
       input_shape=(8, 8, 1)))
