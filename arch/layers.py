@@ -101,7 +101,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   digits' last stage), XLA swaps the conv's operands and XLA:CPU then runs it
   as a naive loop, 10-20x slower than the same FLOPs elsewhere. Those convs are
   computed as im2col (shifted slices, one dot) instead: the same sums, in a
-  different order. Everything else goes to lax unchanged.
+  different order.
+
+  With or without oneDNN, depthwise convs (MobileNet, Xception) are a sum of
+  shifted slices times the kernel's taps (`depthwise_conv`): XLA:CPU runs
+  grouped convolutions' gradients as slow loops, 6x the time of that fused
+  elementwise form (BENCHMARKS.md).
+  Everything else goes to lax unchanged.
   """
   args = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
               dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
@@ -110,6 +116,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   plain = (lhs.ndim == 4 and feature_group_count == 1 and not _dilated(lhs_dilation)
            and not _dilated(rhs_dilation) and _is_nhwc(dimension_numbers, lhs.ndim))
   small = any(i < k for i, k in zip(lhs.shape[1:3], window))
+  depthwise = (lhs.ndim == 4 and feature_group_count == lhs.shape[-1] > 1 and rhs.shape[-2] == 1
+               and not _dilated(lhs_dilation) and not _dilated(rhs_dilation)
+               and _is_nhwc(dimension_numbers, lhs.ndim)
+               and (isinstance(padding, str) or min(min(p) for p in padding) >= 0))
   if plain and lhs.dtype == rhs.dtype == jnp.float32 and _onednn_on():
     pads = padding
     if isinstance(pads, str):
@@ -119,6 +129,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       return kernels.conv(lhs, rhs, tuple(window_strides), pads)
   if _WORKAROUNDS[0] and plain and small:
     return im2col_conv(lhs, rhs, tuple(window_strides), padding, precision)
+  if _WORKAROUNDS[0] and depthwise:
+    return depthwise_conv(lhs, rhs, tuple(window_strides), padding)
   if _WORKAROUNDS[0] and plain and _IN_LOOP[0]:
     if isinstance(padding, str):
       padding = lax.padtype_to_pads(lhs.shape[1:3], window, window_strides, padding)
@@ -179,20 +191,36 @@ def in_loop_body():
     _IN_LOOP[0] = saved
 
 
-def im2col_conv(x, kernel, strides, padding, precision=None):
-  """NHWC x HWIO convolution as one dot over the kh*kw shifted (strided) slices."""
-  kh, kw, cin, cout = kernel.shape
+def shifted_slices(x, window, strides, padding):
+  """The kh*kw (strided) slices of padded NHWC `x` that a kh x kw kernel's taps
+  see, in the kernel's row-major order."""
+  kh, kw = window
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
   (pt, pb), (pl, pr) = padding
   x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
   ho = (x.shape[1] - kh) // strides[0] + 1
   wo = (x.shape[2] - kw) // strides[1] + 1
-  cols = jnp.concatenate([
-      x[:, i:i + strides[0] * (ho - 1) + 1:strides[0], j:j + strides[1] * (wo - 1) + 1:strides[1], :]
-      for i in range(kh) for j in range(kw)], axis=-1)
+  return [x[:, i:i + strides[0] * (ho - 1) + 1:strides[0], j:j + strides[1] * (wo - 1) + 1:strides[1], :]
+          for i in range(kh) for j in range(kw)]
+
+
+def im2col_conv(x, kernel, strides, padding, precision=None):
+  """NHWC x HWIO convolution as one dot over the kh*kw shifted (strided) slices."""
+  kh, kw, cin, cout = kernel.shape
+  cols = jnp.concatenate(shifted_slices(x, (kh, kw), strides, padding), axis=-1)
   return lax.dot_general(cols, kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())),
                          precision=precision)
+
+
+def depthwise_conv(x, kernel, strides, padding):
+  """Depthwise NHWC x HWIO convolution (one group per input channel, kernel
+  (kh, kw, 1, C * multiplier)) as the sum of the kh*kw shifted slices, each
+  times its tap: elementwise work that XLA fuses, forward and backward."""
+  kh, kw, _, cout = kernel.shape
+  x = jnp.repeat(x, cout // x.shape[-1], axis=-1)  # output channel o reads input o // multiplier
+  taps = kernel.reshape(kh * kw, cout)
+  return sum(s * t for s, t in zip(shifted_slices(x, (kh, kw), strides, padding), taps))
 
 
 def _dilated(d):
