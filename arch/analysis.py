@@ -261,8 +261,8 @@ def write_report(workdir, print_table=True):
   overrides = sorted({k for m in runfiles.read_json(os.path.join(workdir, 'sweep.json'))
                       .get('members', []) for k in m['overrides']})
   config_columns = overrides or [c for c in runs.columns if '.' in c]
-  if 'seed' in runs and 'seed' not in config_columns:  # seeds of groups (num_seeds > 1)
-    config_columns.append('seed')
+  if 'seed' in runs and 'seed' not in config_columns:  # groups of seeds: a row per seed
+    config_columns = [c for c in config_columns if c != 'num_seeds'] + ['seed']
   wanted = ['run', *config_columns, 'status', 'train_error', 'test_error', 'params', 'macs', 'step',
             'wall_s', 'reason']
   table = runs[[c for c in wanted if c in runs.columns]].sort_values(config_columns or 'run')

@@ -5,15 +5,20 @@ program, the k replicas stacked. `sequential` is the num_seeds=1 step run once o
 each of k states: k separate runs taking turns on the same cores. Both are
 train.make_functions' own programs (batch gather, augmentation, diagnostics
 included), on experiments/degradation.py's digits recipe, timed in interleaved
-rounds after a warm-up step, with compile time apart. speed-up = sequential time /
+rounds after a warm-up step, with compile time apart. By default the convs are
+oneDNN's (arch/kernels, when built), whose custom calls vmap runs one replica
+after the other inside the program; `--xla` traces XLA's convolutions instead,
+which vmap turns into grouped convolutions. speed-up = sequential time /
 vmapped time for one step of all k seeds (above 1: the group is faster). At k=1
 both sides run the same program (num_seeds=1 is not vmapped): its speed-up
 shows the noise. On a shared machine read the ratios, and give `uptime`'s load.
 
   taskset -c 0,1 .venv/bin/python benchmarks/seeds.py                  # ResNet-20
+  taskset -c 0,1 .venv/bin/python benchmarks/seeds.py --xla
   taskset -c 0,1 .venv/bin/python benchmarks/seeds.py --depth 56 --rounds 2
 """
 import argparse
+import contextlib
 import csv
 import os
 import sys
@@ -26,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from arch import layers  # noqa: E402
 from arch import optim  # noqa: E402
 from arch import sweep  # noqa: E402
 from arch import train  # noqa: E402
@@ -70,21 +76,24 @@ def main(argv=None):
   parser.add_argument('--seeds', default='1,4,8', help='comma-separated k')
   parser.add_argument('--rounds', type=int, default=3, help='interleaved timing rounds')
   parser.add_argument('--steps', type=int, default=3, help='steps per round (warm-up excluded)')
-  parser.add_argument('--csv', default='benchmarks/results_seeds.csv')
+  parser.add_argument('--xla', action='store_true', help="XLA's convs, not oneDNN's")
+  parser.add_argument('--csv', default=None, help='default: benchmarks/results_seeds[_xla].csv')
   args = parser.parse_args(argv)
+  args.csv = args.csv or f'benchmarks/results_seeds{"_xla" if args.xla else ""}.csv'
 
   print(f'jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, '
         f'affinity {sorted(os.sched_getaffinity(0))}, load average {os.getloadavg()}', flush=True)
   experiment = sweep.load_experiment(os.path.join(ROOT, 'experiments', 'degradation.py'))
   config = experiment.get_config(f'depth={args.depth},batch_size={args.batch}')
   ks = [int(k) for k in args.seeds.split(',')]
-  one = Program(config, 1)
-  print(f'num_seeds=1: compile {one.compile_s:.1f} s', flush=True)
-  vmapped, separate = {}, {}
-  for k in ks:
-    vmapped[k] = one if k == 1 else Program(config, k)
-    separate[k] = [vmapped[k].replica(i) for i in range(k)]
-    print(f'num_seeds={k}: compile {vmapped[k].compile_s:.1f} s', flush=True)
+  with layers.onednn_convs(False) if args.xla else contextlib.nullcontext():
+    convs = 'onednn' if layers._onednn_on() else 'xla'  # what the programs are traced with
+    one = Program(config, 1)
+    vmapped, separate = {}, {}
+    for k in ks:
+      vmapped[k] = one if k == 1 else Program(config, k)
+      separate[k] = [vmapped[k].replica(i) for i in range(k)]
+      print(f'num_seeds={k}: compile {vmapped[k].compile_s:.1f} s', flush=True)
   times = {(k, side): [] for k in ks for side in ('vmapped', 'sequential')}
   for r in range(args.rounds):
     for k in ks:
@@ -101,7 +110,8 @@ def main(argv=None):
   for k in ks:
     vm, seq = np.median(times[k, 'vmapped']), np.median(times[k, 'sequential'])
     rows.append(dict(
-        model=f'cifar_resnet-{args.depth} digits 8x8', batch=args.batch, k=k,
+        model=f'cifar_resnet-{args.depth} digits 8x8', convs=convs,
+        batch=args.batch, k=k,
         compile_vmapped_s=round(vmapped[k].compile_s, 2), compile_one_s=round(one.compile_s, 2),
         vmapped_ms=round(1e3 * vm, 1), sequential_ms=round(1e3 * seq, 1),
         vmapped_steps_s=round(k / vm, 2), sequential_steps_s=round(k / seq, 2),
