@@ -235,6 +235,8 @@ def _check_same_config(config, workdir):
   if not old:
     return
   old, new = runfiles.flatten(old), runfiles.flatten(config_json(config))
+  for flat in (old, new):  # a run from before num_seeds is a single run
+    flat.setdefault('num_seeds', 1)
   diff = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new))
           if old.get(k) != new.get(k) and k not in RUN_CONTROL_KEYS]
   if diff:
