@@ -125,17 +125,29 @@ def apply_overrides(config, overrides):
   return config
 
 
-def get_config(arg='', model=None):
-  """`model`: another `config.model` (a dict), for experiments built on this recipe."""
+def get_config(arg='', model=None, digits_steps=None):
+  """For experiments built on this recipe: `model`, another `config.model` (a
+  dict); `digits_steps`, the digits recipe at another length (`rescale`)."""
   preset, overrides = parse_arg(arg)
   overrides.pop('seeds', None)  # a sweep-only key, read by get_sweep
   config = base_config()
   if model is not None:
     config.model = ml_collections.ConfigDict(model)
   PRESETS[preset](config)
+  if digits_steps and preset == 'digits':
+    rescale(config, digits_steps)
   apply_overrides(config, overrides)
   config.lock()
   return config
+
+
+def rescale(config, num_steps):
+  """The schedule over `num_steps`: the same warmup, the lr drops at the same
+  fractions of the run."""
+  config.schedule.boundaries = tuple(round(b * num_steps / config.num_steps)
+                                     for b in config.schedule.boundaries)
+  config.checkpoint_every = min(config.checkpoint_every, num_steps)
+  config.num_steps = num_steps
 
 
 def get_sweep(arg=''):
