@@ -72,7 +72,8 @@ def eval_curves(metrics):
 
 def plot_degradation(metrics, axes=None, by='model.depth'):
   """The ResNet paper's Figure 6: plain nets left, residual nets right; error (%)
-  against steps, one colour per depth, training error thin and test error bold."""
+  against steps, one colour per depth, training error thin and test error bold.
+  With several residual shortcuts (A, B, C), one marker per shortcut."""
   import matplotlib.pyplot as plt
   if axes is None:
     _, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)

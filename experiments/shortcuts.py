@@ -47,14 +47,17 @@ def verdict(runs, small=SMALL):
     errors[depth] = stats['error']  # %
   numbers = '; '.join(f'depth {d} test error ' + ', '.join(f'{s} {errors[d][s]:.2f}' for s in SHORTCUTS)
                       for d in DEPTHS) + ' (%)'
-  spread = max(errors[d][list('ABC')].max() - errors[d][list('ABC')].min() for d in DEPTHS)
+  options = {d: errors[d][list('ABC')] for d in DEPTHS}
+  depth = max(DEPTHS, key=lambda d: options[d].max() - options[d].min())
+  spread = options[depth].max() - options[depth].min()
   fixed = all(errors[56][s] < errors[56]['none'] - 100 * small for s in 'ABC')
-  line = f'{numbers}; A/B/C spread {spread:.2f} points'
+  line = (f'{numbers}; A/B/C differ by up to {spread:.2f} points ({options[depth].idxmax()} '
+          f'worst, {options[depth].idxmin()} best, at depth {depth})')
   if spread <= 100 * small and fixed:
     return f'agrees: {line}, within {100 * small:.0f}, and all beat plain-56'
   why = []
   if spread > 100 * small:
-    why.append(f'spread over {100 * small:.0f}')
+    why.append(f'more than {100 * small:.0f}')
   if not fixed:
     why.append('not all beat plain-56')
   return f'disagrees: {line}; {" and ".join(why)}'
