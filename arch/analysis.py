@@ -82,12 +82,16 @@ def plot_degradation(metrics, axes=None, by='model.depth'):
   colours = dict(zip(depths, plt.cm.viridis([i / max(1, len(depths) - 1) for i in range(len(depths))])))
   for ax, plain, title in ((axes[0], True, 'plain'), (axes[1], False, 'ResNet')):
     panel = curves[(curves['model.shortcut'] == 'none') == plain]
+    shortcuts = sorted(panel['model.shortcut'].unique())
     for depth in depths:
-      for split, width, style in (('train', 1, '--'), ('test', 2.5, '-')):
-        c = panel[(panel[by] == depth) & (panel['split'] == split)]
-        if len(c):
-          ax.plot(c['step'], 100 * c['error'], style, lw=width, color=colours[depth],
-                  label=f'{title}-{depth} {split}')
+      for shortcut, marker in zip(shortcuts, 'xos^v'):
+        name = f'{title}-{depth}' + (f' ({shortcut})' if len(shortcuts) > 1 else '')
+        for split, width, style in (('train', 1, '--'), ('test', 2.5, '-')):
+          c = panel[(panel[by] == depth) & (panel['model.shortcut'] == shortcut) &
+                    (panel['split'] == split)]
+          if len(c):
+            ax.plot(c['step'], 100 * c['error'], style, lw=width, color=colours[depth],
+                    marker=marker if len(shortcuts) > 1 else None, label=f'{name} {split}')
     ax.set_title(f'{title} nets')
     ax.set_xlabel('step')
     ax.grid(alpha=0.3)
