@@ -44,7 +44,8 @@ def test_configs_and_sweeps():
   assert width.get_config().model.depth == width.DEPTH
   assert width.get_config('depth=20').model.depth == 20
   assert len(shortcuts.get_sweep('seeds=2')) == 16 and len(width.get_sweep()) == 8
-  assert [m['model.alpha'] for m in mobilenet_alpha.get_sweep()] == [1.0, 0.75, 0.5, 0.25]
+  assert [m['model.alpha'] for m in mobilenet_alpha.get_sweep('seeds=1')] == [1.0, 0.75, 0.5, 0.25]
+  assert len(mobilenet_alpha.get_sweep()) == 12  # seeds 0-2
   for experiment in (shortcuts, width, mobilenet_alpha):
     with pytest.raises(ValueError, match='wdith'):
       experiment.get_config('wdith=2')
