@@ -76,6 +76,19 @@ def test_bitwise_deterministic():
       np.testing.assert_array_equal(a, b)
 
 
+def test_denormals_flush_to_zero_as_in_xla():
+  """Denormal inputs count as zero in oneDNN's threads too, as in XLA:CPU (a guard:
+  the same numbers, and no ~100x slow denormal arithmetic)."""
+  x = jnp.asarray(np.full((128, 8, 8, 4), 1e-39, np.float32))  # a denormal, made by numpy
+  w = jnp.ones((3, 3, 4, 8))
+  pads = ((1, 1), (1, 1))
+  ours = jax.jit(lambda x, w: kernels.conv(x, w, (1, 1), pads))(x, w)
+  lax_out = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC')))(x, w)
+  np.testing.assert_array_equal(ours, lax_out)
+  assert not np.any(ours)
+
+
 def test_scan_blocks_and_vmap():
   """Inside `nn.scan` bodies (custom calls in a while loop) and under `jax.vmap`
   (num_seeds: one call per replica), the same function as unrolled XLA."""

@@ -44,6 +44,8 @@ def available():
 
 
 def _call(target, out_shape, a, b, strides, pads):
+  if not available():
+    raise RuntimeError(f'arch.kernels: {LIBRARY} did not load; `make kernels` builds it')
   return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, a.dtype),
                           vmap_method='sequential')(
       a, b, strides=np.asarray(strides, np.int64), pads=np.asarray(pads, np.int64).reshape(-1))
