@@ -21,6 +21,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -39,7 +40,7 @@ enum Pass : int64_t { kForward, kBackwardData, kBackwardWeights };
 using Key = std::array<int64_t, 16>;
 
 struct Geometry {
-  int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr;
+  int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, kc;  // kc: kernel's in-channels
   memory::dims src() const { return {n, c, h, w}; }
   memory::dims weights() const { return {o, c, kh, kw}; }
   memory::dims dst() const { return {n, o, oh, ow}; }
@@ -122,6 +123,7 @@ struct Buffer {
       std::free(data);
       size = (bytes + 4095) / 4096 * 4096;
       data = std::aligned_alloc(64, size);
+      if (!data) throw std::bad_alloc();
     }
     return data;
   }
@@ -133,6 +135,9 @@ float* Data(ffi::Result<ffi::Buffer<ffi::F32, 4>>& b) { return b->typed_data(); 
 ffi::Error Run(Pass pass, const Geometry& g, float* src, float* weights, float* dst) {
   if (g.sh < 1 || g.sw < 1 || std::min({g.pt, g.pb, g.pl, g.pr}) < 0) {
     return ffi::Error::InvalidArgument("onednn_conv: strides must be >= 1 and pads >= 0");
+  }
+  if (g.c != g.kc) {
+    return ffi::Error::InvalidArgument("onednn_conv: kernel input channels != image channels");
   }
   try {
     const Conv& conv = Cached(pass, g);
@@ -158,16 +163,18 @@ ffi::Error Run(Pass pass, const Geometry& g, float* src, float* weights, float* 
       if (reorder) conv.reorder.execute(stream, conv_weights, user_weights);
     }
     stream.wait();
-  } catch (const dnnl::error& e) {
+  } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("onednn_conv: ") + e.what());
   }
   return ffi::Error::Success();
 }
 
+// Strides (2) and pads (4) of another length leave the geometry invalid (stride 0).
 Geometry Make(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Span<const int64_t> y,
               ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pads) {
+  if (strides.size() != 2 || pads.size() != 4) return {};
   return {x[0], x[1], x[2], x[3], k[0], k[1], k[3], y[1], y[2],
-          strides[0], strides[1], pads[0], pads[1], pads[2], pads[3]};
+          strides[0], strides[1], pads[0], pads[1], pads[2], pads[3], k[2]};
 }
 
 using F32x4 = ffi::Buffer<ffi::F32, 4>;
