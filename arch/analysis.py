@@ -193,6 +193,16 @@ def pareto_front(points, x='macs', y='test_error'):
   return points[points[y] < points[y].cummin().shift(fill_value=float('inf'))]
 
 
+def error_axis(ax, largest):
+  """An axis of errors in %, up to `largest`: linear below 1%, so zero shows, log
+  above, so 0.3% and 40% both read."""
+  ax.set_yscale('symlog', linthresh=1)
+  top = 1.3 * max(1.0, largest)
+  ticks = [t for t in (0, 0.5, 1, 2, 5, 10, 20, 50, 100) if t <= top]
+  ax.set_yticks(ticks, [f'{t:g}' for t in ticks])
+  ax.set_ylim(-0.1, top)
+
+
 def plot_pareto(experiments, x='macs', y='test_error', ax=None):
   """Error (%) against cost for several sweeps ({name: runs}): one colour and
   marker per experiment, one point per variant (mean over seeds), and the Pareto
@@ -205,10 +215,12 @@ def plot_pareto(experiments, x='macs', y='test_error', ax=None):
     means = variant_means(runs).assign(experiment=name)
     ax.scatter(means[x], 100 * means[y], marker='osD^vP*X'[i % 8], color=f'C{i}', label=name)
     points.append(means)
-  front = pareto_front(pd.concat(points, ignore_index=True), x, y) if points else None
-  if front is not None and len(front):
+  points = pd.concat(points, ignore_index=True) if points else pd.DataFrame(columns=[x, y])
+  front = pareto_front(points, x, y)
+  if len(front):
     ax.step(front[x], 100 * front[y], where='post', color='k', lw=1, alpha=0.5, label='Pareto front')
   ax.set_xscale('log')
+  error_axis(ax, 100 * points[y].max() if len(points) else 0)
   ax.set_xlabel({'macs': 'multiply-adds per example', 'params': 'parameters'}.get(x, x))
   ax.set_ylabel(f'{y.replace("_", " ")} (%)')
   ax.grid(alpha=0.3)
@@ -232,6 +244,7 @@ def plot_claim(runs, claim, verdict, ax=None):
   ax.bar([p + 0.2 for p in positions], 100 * means.get('test_error', 0), 0.4, label='test')
   ax.set_xticks(list(positions), labels, rotation=45, ha='right', fontsize=7)
   ax.set_ylabel('final error (%)')
+  error_axis(ax, 100 * means[['train_error', 'test_error']].max().max() if len(means) else 0)
   ax.legend(fontsize=7)
   colour = {'agrees': 'green', 'disagrees': 'red'}.get(verdict.split(':')[0], 'grey')
   ax.set_title(textwrap.fill(claim, 100), fontsize=7, loc='left')
