@@ -221,6 +221,9 @@ def main(argv=None):
   print()
   for line in ratios(cases, torch_cases):
     print(line)
+  if torch_cases and kernels.available():
+    print('note: oneDNN (arch/kernels) is loaded in this process; its OpenMP threads slow '
+          "PyTorch's here, so time PyTorch alone before quoting the ratio (BENCHMARKS.md)")
   print(f'load average at the end {os.getloadavg()}')
 
 
