@@ -115,29 +115,25 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   args = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
               dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
               precision=precision)
-  window = rhs.shape[:-2]
-  plain = (lhs.ndim == 4 and feature_group_count == 1 and not _dilated(lhs_dilation)
-           and not _dilated(rhs_dilation) and _is_nhwc(dimension_numbers, lhs.ndim))
-  small = any(i < k for i, k in zip(lhs.shape[1:3], window))
-  depthwise = (lhs.ndim == 4 and feature_group_count == lhs.shape[-1] > 1 and rhs.shape[-2] == 1
-               and not _dilated(lhs_dilation) and not _dilated(rhs_dilation)
-               and _is_nhwc(dimension_numbers, lhs.ndim)
-               and (isinstance(padding, str) or min(min(p) for p in padding) >= 0))
-  if plain and lhs.dtype == rhs.dtype == jnp.float32 and _onednn_on():
+  nhwc = (lhs.ndim == 4 and not _dilated(lhs_dilation) and not _dilated(rhs_dilation)
+          and _is_nhwc(dimension_numbers, lhs.ndim))
+  if nhwc:
+    window, strides = rhs.shape[:-2], tuple(window_strides)
     pads = padding
     if isinstance(pads, str):
-      pads = lax.padtype_to_pads(lhs.shape[1:3], window, window_strides, pads)
+      pads = lax.padtype_to_pads(lhs.shape[1:3], window, strides, pads)
     pads = tuple(map(tuple, pads))
-    if min(min(p) for p in pads) >= 0:
-      return kernels.conv(lhs, rhs, tuple(window_strides), pads)
-  if _WORKAROUNDS[0] and plain and small:
-    return im2col_conv(lhs, rhs, tuple(window_strides), padding, precision)
-  if _WORKAROUNDS[0] and depthwise:
-    return depthwise_conv(lhs, rhs, tuple(window_strides), padding)
-  if _WORKAROUNDS[0] and plain and _IN_LOOP[0]:
-    if isinstance(padding, str):
-      padding = lax.padtype_to_pads(lhs.shape[1:3], window, window_strides, padding)
-    return canonical_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)))
+    no_crop = min(min(p) for p in pads) >= 0  # negative pads crop: lax only
+    plain = feature_group_count == 1
+    if plain and no_crop and lhs.dtype == rhs.dtype == jnp.float32 and _onednn_on():
+      return kernels.conv(lhs, rhs, strides, pads)
+    if _WORKAROUNDS[0] and plain and any(i < k for i, k in zip(lhs.shape[1:3], window)):
+      return im2col_conv(lhs, rhs, strides, pads, precision)
+    if (_WORKAROUNDS[0] and no_crop and feature_group_count == lhs.shape[-1] > 1
+        and rhs.shape[-2] == 1):
+      return depthwise_conv(lhs, rhs, strides, pads)
+    if _WORKAROUNDS[0] and plain and _IN_LOOP[0]:
+      return canonical_conv(lhs, rhs, strides, pads)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **args)
 
 
