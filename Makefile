@@ -8,14 +8,15 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt constraints.txt
 	$(BIN)/pip install -q -r requirements-dev.txt -c constraints.txt
 	touch $@
 
-# oneDNN convolutions for XLA:CPU (arch/kernels): headers and libdnnl from the
+# oneDNN convolutions and batch norm for XLA:CPU (arch/kernels): headers and libdnnl from the
 # pinned onednn wheels in the venv, XLA's FFI headers from jaxlib; found at run
 # time through the venv-relative rpath. Without it, arch falls back to pure XLA.
-KERNEL := arch/kernels/_onednn_conv.so
+KERNEL := arch/kernels/_onednn.so
+KERNEL_SOURCES := arch/kernels/onednn_conv.cc arch/kernels/onednn_norm.cc
 CXX ?= g++
 
-$(KERNEL): arch/kernels/onednn_conv.cc $(BIN)/.installed
-	$(CXX) -O2 -std=c++17 -shared -fPIC -o $@ $< -I$(VENV)/include \
+$(KERNEL): $(KERNEL_SOURCES) arch/kernels/onednn_common.h $(BIN)/.installed
+	$(CXX) -O2 -std=c++17 -shared -fPIC -o $@ $(KERNEL_SOURCES) -I. -I$(VENV)/include \
 	  -isystem "$$($(BIN)/python -c 'import jax; print(jax.ffi.include_dir())')" \
 	  -L$(VENV)/lib -ldnnl -Wl,-rpath,'$$ORIGIN/../../$(VENV)/lib'
 

@@ -1,4 +1,7 @@
 """arch: convolutional building blocks and the published networks made from them."""
+from arch import kernels
+kernels.keep_freed_memory()  # before jax starts its threads; see there
+
 from arch.registry import build, names, register
 from arch.cost import count_macs, count_params, format_summary
 

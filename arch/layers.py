@@ -34,18 +34,67 @@ def pair(v):
   return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-def batch_norm(train, name=None, use_scale=True, epsilon=1e-5):
-  """BatchNorm in train (batch statistics) or eval (running statistics) mode.
+def batch_norm(train, name=None, use_scale=True, epsilon=1e-5, relu=False):
+  """BatchNorm in train (batch statistics) or eval (running statistics) mode,
+  followed by a ReLU if `relu`.
 
   The two-pass variance, E[(x - E[x])^2]: Flax's default one-pass form,
   E[x^2] - E[x]^2, cancels on near-constant channels (the digits' borders), which
   makes a run depend on the order of float sums, hence on the device count.
+  In train mode on oneDNN (`onednn_norms`) it is `OnednnBatchNorm`, with the
+  ReLU fused in; otherwise `nn.BatchNorm`. Both have the same variables.
   """
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon,
+  if train and _onednn_on(_ONEDNN_NORMS):
+    return OnednnBatchNorm(momentum=0.9, epsilon=epsilon, use_scale=use_scale, relu=relu,
+                           name=name)
+  norm = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon,
                       use_scale=use_scale, use_fast_variance=False, name=name)
+  return (lambda x: nn.relu(norm(x))) if relu else norm
+
+
+class OnednnBatchNorm(nn.Module):
+  """Train-mode `nn.BatchNorm` (+ ReLU) as one oneDNN kernel (`arch.kernels.batch_norm`).
+
+  The same variables, initial values and running-average update as
+  `nn.BatchNorm`, so checkpoints and parameter counts do not depend on which
+  one ran. XLA:CPU spends more on batch norm's passes over memory than oneDNN
+  spends on the convolutions around them (BENCHMARKS.md).
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  use_scale: bool = True
+  relu: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    if x.ndim != 4 or x.dtype != jnp.float32:
+      raise ValueError(f'OnednnBatchNorm takes f32 NHWC images, got {x.dtype} {x.shape}; '
+                       'trace the model inside arch.layers.onednn_convs(False)')
+    features = (x.shape[-1],)
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros(features, jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones(features, jnp.float32))
+    scale = (self.param('scale', nn.initializers.ones, features, jnp.float32) if self.use_scale
+             else jnp.ones(features, x.dtype))
+    bias = self.param('bias', nn.initializers.zeros, features, jnp.float32)
+    y, mean, var = kernels.batch_norm(x, scale, bias, self.epsilon, self.relu)
+    if not self.is_initializing():
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return y
 
 
 # ---- XLA:CPU workarounds (BENCHMARKS.md has the measurements). -------------------
+
+@contextlib.contextmanager
+def _setting(cell, value):
+  """Sets a module-level switch (a one-element list) for the `with` body."""
+  saved = cell[0]
+  cell[0] = value
+  try:
+    yield
+  finally:
+    cell[0] = saved
+
 
 _WORKAROUNDS = [True]
 
@@ -54,21 +103,19 @@ _WORKAROUNDS = [True]
 def xla_cpu_workarounds(enabled=True):
   """Turns the two workarounds below on or off for the models traced inside, so
   `benchmarks/throughput.py --before` can time the code as it was, side by side."""
-  saved = _WORKAROUNDS[0]
-  _WORKAROUNDS[0] = enabled
-  try:
+  with _setting(_WORKAROUNDS, enabled):
     yield
-  finally:
-    _WORKAROUNDS[0] = saved
 
 
 _ONEDNN = [None]
+_ONEDNN_NORMS = [None]
 
 
 @contextlib.contextmanager
 def onednn_convs(enabled=True):
-  """Sends the plain convs of the models traced inside to oneDNN (True) or keeps
-  them in XLA (False); `benchmarks/throughput.py --xla` times both side by side.
+  """Sends the plain convs and train-mode batch norms of the models traced inside
+  to oneDNN (True) or keeps them in XLA (False); `benchmarks/throughput.py --xla`
+  times both side by side.
 
   The default (None) is oneDNN when its library loaded (arch/kernels), the backend
   is CPU and the process has one device. Multi-device programs keep XLA: the SPMD
@@ -78,18 +125,20 @@ def onednn_convs(enabled=True):
   acts when a model is traced: jax's trace cache does not see it, so re-jit a
   function after switching.
   """
-  saved = _ONEDNN[0]
-  _ONEDNN[0] = enabled
-  try:
+  with _setting(_ONEDNN, enabled), _setting(_ONEDNN_NORMS, enabled):
     yield
-  finally:
-    _ONEDNN[0] = saved
 
 
-def _onednn_on():
-  if _ONEDNN[0] is None:
+def onednn_norms(enabled=True):
+  """Batch norms alone (inside `onednn_convs`), so the two kernels' gains can be
+  timed apart: `benchmarks/throughput.py --no-onednn-norm`."""
+  return _setting(_ONEDNN_NORMS, enabled)
+
+
+def _onednn_on(setting=_ONEDNN):
+  if setting[0] is None:
     return jax.default_backend() == 'cpu' and jax.device_count() == 1 and kernels.available()
-  return _ONEDNN[0] and kernels.available()
+  return setting[0] and kernels.available()
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -182,12 +231,8 @@ _IN_LOOP = [False]
 @contextlib.contextmanager
 def in_loop_body():
   """Models traced inside use `canonical_conv` (see there); for `nn.scan` bodies."""
-  saved = _IN_LOOP[0]
-  _IN_LOOP[0] = True
-  try:
+  with _setting(_IN_LOOP, True):
     yield
-  finally:
-    _IN_LOOP[0] = saved
 
 
 def shifted_slices(x, window, strides, padding):
@@ -281,6 +326,8 @@ class ConvUnit(nn.Module):
     groups = x.shape[-1] if self.groups == -1 else self.groups
     x = Conv(self.features, pair(self.kernel_size), pair(self.strides), padding=self.padding,
              use_bias=self.use_bias, feature_group_count=groups, name='conv')(x)
+    if self.norm == 'batch' and self.act == 'relu':
+      return batch_norm(train, 'bn', self.bn_scale, self.bn_epsilon, relu=True)(x)
     if self.norm == 'batch':
       x = batch_norm(train, 'bn', self.bn_scale, self.bn_epsilon)(x)
     return activation(self.act)(x)

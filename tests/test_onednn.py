@@ -61,6 +61,82 @@ def test_matches_flax_conv(shape, kernel, strides, padding):
     assert_close(a, b, rtol=1e-4)
 
 
+class Norm(nn.Module):
+  """`layers.batch_norm` in train mode: oneDNN's or nn.BatchNorm by `onednn_convs`."""
+  relu: bool
+  use_scale: bool
+
+  @nn.compact
+  def __call__(self, x):
+    return layers.batch_norm(True, 'bn', self.use_scale, relu=self.relu)(x)
+
+
+def away_from_zero(shape):
+  """Per-channel samples with |x| in [0.5, 1.5] and a mean near 0: normalised,
+  none is near the ReLU's kink, so the two implementations' masks cannot differ
+  by a rounding."""
+  magnitude = jax.random.uniform(jax.random.key(0), shape, minval=0.5, maxval=1.5)
+  return jnp.where(jax.random.bernoulli(jax.random.key(1), 0.5, shape), magnitude, -magnitude)
+
+
+@pytest.mark.parametrize('shape', [(16, 8, 8, 16), (128, 2, 2, 64), (4, 5, 7, 3)])
+@pytest.mark.parametrize('relu', [True, False])
+@pytest.mark.parametrize('use_scale', [True, False])
+def test_batch_norm_matches_flax(shape, relu, use_scale):
+  """The same variables, outputs, running statistics and gradients as
+  nn.BatchNorm(use_fast_variance=False) (+ nn.relu)."""
+  x = away_from_zero(shape)
+  model = Norm(relu, use_scale)
+  with layers.onednn_convs(False):
+    variables = model.init(jax.random.key(2), x)
+  with layers.onednn_convs(True):
+    assert jax.tree.structure(model.init(jax.random.key(2), x)) == jax.tree.structure(variables)
+  if use_scale:  # a scale other than the initial ones, positive so the ReLU mask stays put
+    variables['params']['bn']['scale'] = 1.0 + jax.random.uniform(jax.random.key(3), shape[-1:])
+  weights = jax.random.normal(jax.random.key(4), shape)
+
+  def run(enabled):
+    with layers.onednn_convs(enabled):
+      def loss(params, x):
+        y, stats = model.apply({**variables, 'params': params}, x, mutable=['batch_stats'])
+        return jnp.sum(jnp.sin(y) * weights), (y, stats)
+      text = lowered(loss, variables['params'], x)
+      (_, aux), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+          variables['params'], x)
+    return text, aux, grads
+
+  text, (y, stats), grads = run(True)
+  want_text, (want_y, want_stats), want_grads = run(False)
+  assert 'onednn_norm_forward' in text and 'onednn_norm_forward' not in want_text
+  assert_close(y, want_y)
+  if relu:
+    assert np.all(np.asarray(y) >= 0)
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(want_stats)):
+    assert_close(a, b)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    assert_close(a, b, rtol=1e-4)
+
+
+def test_batch_norm_routing():
+  """ConvUnit's conv-BN-ReLU is one norm kernel in train mode; eval mode and pure
+  XLA keep nn.BatchNorm."""
+  unit = layers.ConvUnit(8)
+  x = jnp.ones((2, 8, 8, 4))
+  variables = unit.init(jax.random.key(0), x)
+  # a new function each time: jit's trace cache does not see the switches
+  train = lambda: lambda v, x: unit.apply(v, x, train=True, mutable=['batch_stats'])
+  with layers.onednn_convs(True):
+    assert 'onednn_norm_forward' in lowered(train(), variables, x)
+    assert 'onednn_norm_forward' not in lowered(unit.apply, variables, x)
+    with pytest.raises(ValueError, match='f32 NHWC'):
+      unit.apply(jax.tree.map(lambda v: v.astype(jnp.bfloat16), variables),
+                 x.astype(jnp.bfloat16), train=True, mutable=['batch_stats'])
+    with layers.onednn_norms(False):
+      assert 'onednn_norm_forward' not in lowered(train(), variables, x)
+  with layers.onednn_convs(False):
+    assert 'onednn_norm_forward' not in lowered(train(), variables, x)
+
+
 def test_bitwise_deterministic():
   """Kernel gradients sum over the batch across threads: the same bits every call,
   and from a second compilation (a resumed run's)."""
@@ -73,6 +149,13 @@ def test_bitwise_deterministic():
   for run in runs[1:]:
     for a, b in zip(run, runs[0]):
       np.testing.assert_array_equal(a, b)
+  # The norm's statistics and its scale/shift gradients too.
+  scale, bias = jnp.linspace(0.5, 1.5, 16), jnp.zeros(16)
+  norm = lambda x, s, b: jnp.sum(jnp.sin(kernels.batch_norm(x, s, b, 1e-5, True)[0]))
+  grad = jax.jit(jax.grad(norm, argnums=(0, 1, 2)))
+  runs = [grad(x, scale, bias), grad(x, scale, bias)]
+  for a, b in zip(*runs):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_denormals_flush_to_zero_as_in_xla():

@@ -24,6 +24,7 @@
 #include <new>
 #include <string>
 
+#include "arch/kernels/onednn_common.h"
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
@@ -32,6 +33,10 @@ using dnnl::memory;
 using Tag = memory::format_tag;
 
 namespace {
+
+using arch_onednn::Buffer;
+using arch_onednn::Engine;
+using arch_onednn::UserScratchpad;
 
 enum Pass : int64_t { kForward, kBackwardData, kBackwardWeights };
 
@@ -56,20 +61,9 @@ struct Conv {
   dnnl::reorder reorder;    // HWIO -> `weights` (a gradient: back); empty if the same
 };
 
-const dnnl::engine& Engine() {
-  static const dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
-
 memory::desc Nhwc(const memory::dims& dims) { return {dims, memory::data_type::f32, Tag::nhwc}; }
 memory::desc Any(const memory::dims& dims) { return {dims, memory::data_type::f32, Tag::any}; }
 memory::desc Hwio(const Geometry& g) { return {g.weights(), memory::data_type::f32, Tag::hwio}; }
-
-dnnl::primitive_attr UserScratchpad() {
-  dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  return attr;
-}
 
 dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
   return {Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
@@ -110,24 +104,6 @@ const Conv& Cached(Pass pass, const Geometry& g) {
   if (!entry) entry = std::make_unique<Conv>(Build(pass, g));
   return *entry;
 }
-
-// A 64-byte aligned buffer, kept per thread and grown on demand: scratchpads and
-// reordered kernels are needed on every call, and fresh pages cost more than the
-// small convolutions of the 8x8 digits.
-struct Buffer {
-  void* data = nullptr;
-  size_t size = 0;
-  ~Buffer() { std::free(data); }
-  void* Get(size_t bytes) {
-    if (bytes > size) {
-      std::free(data);
-      size = (bytes + 4095) / 4096 * 4096;
-      data = std::aligned_alloc(64, size);
-      if (!data) throw std::bad_alloc();
-    }
-    return data;
-  }
-};
 
 float* Data(ffi::Buffer<ffi::F32, 4>& b) { return b.typed_data(); }
 float* Data(ffi::Result<ffi::Buffer<ffi::F32, 4>>& b) { return b->typed_data(); }
