@@ -18,12 +18,15 @@ oneDNN convolutions off (arch/layers.py `xla_cpu_workarounds`, `onednn_convs`),
 i.e. the code as it was; `--xla` with only oneDNN off (pure XLA, workarounds
 on). Unlabelled rows use oneDNN when arch/kernels loaded it. `--compare-torch`
 times the same CIFAR ResNet in PyTorch CPU eager (best of NCHW and
-channels-last) in the same rounds and prints JAX/PyTorch. Pin the process
+channels-last) in the same rounds, in a child process of its own, and prints
+JAX/PyTorch. `--xla-norms` times oneDNN's convs with XLA's batch norm. Pin the process
 (`taskset -c 0,1`) and report `uptime`'s load average with the figures.
 """
 import argparse
 import csv
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -37,6 +40,7 @@ import arch  # noqa: E402
 from arch import kernels, layers  # noqa: E402
 
 CIFAR, DIGITS = (32, 32, 3), (8, 8, 1)
+START_ENV = dict(os.environ)  # before arch/kernels sets its OpenMP defaults
 
 
 def cifar(depth, shortcut='A', **kw):
@@ -79,7 +83,8 @@ class JaxCase:
   """One model at one batch size: compiled train and eval steps and their timings."""
 
   def __init__(self, name, config, shape, batch, variant=''):
-    """variant: '' (the default routing), 'xla' (oneDNN off), 'before' (both off)."""
+    """variant: '' (the default routing), 'xla' (oneDNN off), 'xla-norms' (oneDNN's
+    convs, XLA's batch norms), 'before' (oneDNN and the workarounds off)."""
     self.name, self.shape, self.batch = name, shape, batch
     self.label = f'{name} ({variant})' if variant else name
     model = arch.build(config)
@@ -91,7 +96,8 @@ class JaxCase:
     self.y = jnp.asarray(rng.integers(0, 10, batch))
     tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
     with layers.xla_cpu_workarounds(variant != 'before'), \
-        layers.onednn_convs(None if not variant else False):
+        layers.onednn_convs(None if variant in ('', 'xla-norms') else False), \
+        layers.onednn_norms(False if variant else None):
       variables = jax.jit(model.init)(jax.random.key(0), self.x[:1])
       self.state = (variables['params'], variables.get('batch_stats', {}),
                     tx.init(variables['params']))
@@ -125,32 +131,31 @@ class JaxCase:
 
 
 class TorchCase:
-  """The same CIFAR ResNet in PyTorch CPU eager; NCHW and channels-last, best kept."""
+  """The same CIFAR ResNet in PyTorch CPU eager, NCHW and channels-last, best kept.
+
+  It runs in a child process (benchmarks/torch_resnet.py) with the environment
+  this one started with: in this process oneDNN's OpenMP runtime and PyTorch's
+  would slow each other (BENCHMARKS.md). Rounds still interleave with JAX's.
+  """
 
   def __init__(self, name, config, shape, batch):
-    import torch  # only with --compare-torch; requirements-bench.txt
-    from benchmarks import torch_resnet
-    self.torch = torch
     self.name, self.label, self.batch = name, f'{name} (torch)', batch
-    torch.manual_seed(0)
-    self.steps = {}
-    for layout in ('nchw', 'channels_last'):
-      net = torch_resnet.CifarResNet((config['depth'] - 2) // 6, shape[-1],
-                                     shortcut=config.get('shortcut', 'A') != 'none')
-      x = torch.randn(batch, shape[-1], *shape[:2])
-      if layout == 'channels_last':
-        net = net.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-      self.steps[layout] = torch_resnet.train_step(net, x, torch.randint(0, 10, (batch,)))
-      self.steps[layout]()  # warm-up
-    self.times = {layout: [] for layout in self.steps}
+    spec = dict(n=(config['depth'] - 2) // 6, in_channels=shape[-1], batch=batch, hw=shape[0],
+                shortcut=config.get('shortcut', 'A') != 'none')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    self.child = subprocess.Popen(
+        [sys.executable, os.path.join(root, 'benchmarks', 'torch_resnet.py'), json.dumps(spec)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=START_ENV)
+    if self.child.stdout.readline().strip() != 'ready':
+      raise RuntimeError(f'{self.label}: the PyTorch child failed (is torch installed? '
+                         'pip install -r requirements-bench.txt)')
+    self.times = {'nchw': [], 'channels_last': []}
 
   def run(self, steps):
-    for layout, step in self.steps.items():
-      t = time.perf_counter()
-      for _ in range(steps):
-        step()
-      self.times[layout].append((time.perf_counter() - t) / steps)
+    self.child.stdin.write(f'{steps}\n')
+    self.child.stdin.flush()
+    for layout, seconds in json.loads(self.child.stdout.readline()).items():
+      self.times[layout].append(seconds)
 
   def best(self):
     return min((float(np.median(v)), k) for k, v in self.times.items())
@@ -163,22 +168,26 @@ def main(argv=None):
   parser.add_argument('--rounds', type=int, default=5, help='interleaved timing rounds')
   parser.add_argument('--steps', type=int, default=3, help='steps per round (warm-up excluded)')
   parser.add_argument('--before', action='store_true', help='also time with the workarounds off')
-  parser.add_argument('--xla', action='store_true', help='also time with oneDNN convs off')
+  parser.add_argument('--xla', action='store_true', help='also time with oneDNN off')
+  parser.add_argument('--xla-norms', action='store_true',
+                      help="also time with oneDNN's convs but XLA's batch norms")
   parser.add_argument('--compare-torch', action='store_true')
   parser.add_argument('--csv', default='benchmarks/results.csv')
   args = parser.parse_args(argv)
 
   print(f'jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, '
-        f'affinity {sorted(os.sched_getaffinity(0))}, load average {os.getloadavg()}, oneDNN convs '
-        f'{"on" if kernels.available() else "off"}, OMP_NUM_THREADS '
-        f'{os.environ.get("OMP_NUM_THREADS", "unset")}', flush=True)
+        f'affinity {sorted(os.sched_getaffinity(0))}, load average {os.getloadavg()}, oneDNN '
+        f'{"on" if kernels.available() else "off"}, OpenMP '
+        + ' '.join(f'{k}={os.environ.get(k, "unset")}'
+                   for k in ('OMP_NUM_THREADS', 'OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')), flush=True)
   cases, torch_cases = [], []
   for name in args.models.split(','):
     if name not in MODELS:
       parser.error(f'unknown model {name!r}; choose from {", ".join(MODELS)}')
     config, shape = MODELS[name]
     for batch in map(int, args.batch_sizes.split(',')):
-      variants = [''] + ['xla'] * args.xla + ['before'] * args.before
+      variants = ([''] + ['xla-norms'] * args.xla_norms + ['xla'] * args.xla
+                  + ['before'] * args.before)
       for variant in variants:
         case = JaxCase(name, config, shape, batch, variant)
         print(f'{case.label:28s} batch {batch}: compile {case.compile_s:6.1f} s, first step '
@@ -221,9 +230,6 @@ def main(argv=None):
   print()
   for line in ratios(cases, torch_cases):
     print(line)
-  if torch_cases and kernels.available():
-    print('note: oneDNN (arch/kernels) is loaded in this process; its OpenMP threads slow '
-          "PyTorch's here, so time PyTorch alone before quoting the ratio (BENCHMARKS.md)")
   print(f'load average at the end {os.getloadavg()}')
 
 
@@ -239,7 +245,7 @@ def ratios(cases, torch_cases):
       plain = f'plain{name[1:]}{suffix}'
       if (plain, batch) in train:
         out.append(f'residual overhead {label} / {plain}, batch {batch}: {t / train[(plain, batch)]:.2f}x')
-    if suffix in (' (before)', ' (xla)') and (name, batch) in train:
+    if suffix in (' (before)', ' (xla)', ' (xla-norms)') and (name, batch) in train:
       out.append(f'speed-up {name} vs{suffix}, batch {batch}: {t / train[(name, batch)]:.2f}x')
   for tc in torch_cases:
     if not any(tc.times.values()):

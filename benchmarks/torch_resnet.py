@@ -1,5 +1,16 @@
 """The CIFAR ResNet (He et al. 2015) in PyTorch, for `throughput.py --compare-torch`:
-the same layers as arch.resnet.CifarResNet (option A or plain), SGD with momentum."""
+the same layers as arch.resnet.CifarResNet (option A or plain), SGD with momentum.
+
+Run as a script it is the timing child `throughput.py` starts: it builds the
+net in both layouts, prints `ready`, then for each number of steps read from
+stdin times that many steps of each layout and prints the seconds per step as
+one JSON line. A process of its own, because oneDNN's OpenMP runtime (arch/
+kernels) and PyTorch's slow each other 1.3-2.6x when they share one.
+"""
+import json
+import sys
+import time
+
 import torch
 import torch.nn as tnn
 import torch.nn.functional as F
@@ -47,3 +58,29 @@ def train_step(net, x, y):
     F.cross_entropy(net(x), y).backward()
     opt.step()
   return step
+
+
+def serve(n, in_channels, shortcut, batch, hw):
+  torch.manual_seed(0)
+  steps = {}
+  for layout in ('nchw', 'channels_last'):
+    net = CifarResNet(n, in_channels, shortcut=shortcut)
+    x = torch.randn(batch, in_channels, hw, hw)
+    if layout == 'channels_last':
+      net = net.to(memory_format=torch.channels_last)
+      x = x.contiguous(memory_format=torch.channels_last)
+    steps[layout] = train_step(net, x, torch.randint(0, 10, (batch,)))
+    steps[layout]()  # warm-up
+  print('ready', flush=True)
+  for line in sys.stdin:
+    times = {}
+    for layout, step in steps.items():
+      t = time.perf_counter()
+      for _ in range(int(line)):
+        step()
+      times[layout] = (time.perf_counter() - t) / int(line)
+    print(json.dumps(times), flush=True)
+
+
+if __name__ == '__main__':
+  serve(**json.loads(sys.argv[1]))
