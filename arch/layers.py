@@ -298,6 +298,8 @@ def materialize(x):
   """
   if not _WORKAROUNDS[0]:
     return x
+  if _onednn_on():  # the same barrier as a custom call that aliases x: no work at all
+    return kernels.fusion_barrier(x)
   eye = jnp.eye(x.shape[-1], dtype=x.dtype)
   return lax.dot_general(x, eye, (((x.ndim - 1,), (0,)), ((), ())),
                          precision=lax.Precision.HIGHEST)

@@ -137,6 +137,20 @@ def test_batch_norm_routing():
     assert 'onednn_norm_forward' not in lowered(train(), variables, x)
 
 
+def test_fusion_barrier():
+  """`layers.materialize` on oneDNN is a custom call that aliases its input: the
+  same values, gradients passed through, under jit, grad and vmap."""
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
+  loss = lambda x: jnp.sum(jnp.sin(layers.materialize(x * 2.0)))
+  with layers.onednn_convs(True):
+    assert 'fusion_barrier' in lowered(loss, x)
+    np.testing.assert_array_equal(jax.jit(lambda x: layers.materialize(x * 2.0))(x), x * 2.0)
+    np.testing.assert_allclose(jax.jit(jax.grad(loss))(x), 2.0 * jnp.cos(2.0 * x), rtol=1e-6)
+    np.testing.assert_array_equal(jax.jit(jax.vmap(layers.materialize))(x), x)
+  with layers.onednn_convs(False):
+    assert 'fusion_barrier' not in lowered(lambda x: layers.materialize(x * 2.0), x)
+
+
 def test_bitwise_deterministic():
   """Kernel gradients sum over the batch across threads: the same bits every call,
   and from a second compilation (a resumed run's)."""

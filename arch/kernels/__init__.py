@@ -24,7 +24,8 @@ TARGETS = {'onednn_conv_forward': 'OnednnConvForward',
            'onednn_conv_backward_data': 'OnednnConvBackwardData',
            'onednn_conv_backward_weights': 'OnednnConvBackwardWeights',
            'onednn_norm_forward': 'OnednnNormForward',
-           'onednn_norm_backward': 'OnednnNormBackward'}
+           'onednn_norm_backward': 'OnednnNormBackward',
+           'fusion_barrier': 'FusionBarrier'}
 
 
 # libgomp (oneDNN's threads) reads these when it loads. By default a calling
@@ -51,7 +52,7 @@ def keep_freed_memory():
     libc = ctypes.CDLL('libc.so.6')
     m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # malloc.h
     return bool(libc.mallopt(m_arena_max, 1) and libc.mallopt(m_mmap_max, 0)
-                and libc.mallopt(m_trim_threshold, 2**31 - 1))
+                and libc.mallopt(m_trim_threshold, -1))  # -1: never trim
   except (OSError, AttributeError):  # not glibc
     return False
 
@@ -79,11 +80,12 @@ def available():
   return load()
 
 
-def _ffi(target, outputs, *args, **attrs):
+def _ffi(target, outputs, *args, vmap_method='sequential', input_output_aliases=None, **attrs):
   if not available():
     raise RuntimeError(f'arch.kernels: {LIBRARY} did not load; `make kernels` builds it')
   # Under jax.vmap (config.num_seeds) the handlers take one replica a call.
-  return jax.ffi.ffi_call(target, outputs, vmap_method='sequential')(*args, **attrs)
+  return jax.ffi.ffi_call(target, outputs, vmap_method=vmap_method,
+                          input_output_aliases=input_output_aliases)(*args, **attrs)
 
 
 def _call(target, out_shape, a, b, strides, pads):
@@ -159,3 +161,14 @@ def _norm_bwd(epsilon, relu, residuals, cotangents):
 
 
 _norm.defvjp(_norm_fwd, _norm_bwd)
+
+
+@jax.custom_jvp
+def fusion_barrier(x):
+  """`x` itself, computed once: XLA fuses nothing across a custom call, and the
+  output aliases the input, so it costs no copy. Tangents pass straight through."""
+  return _ffi('fusion_barrier', jax.ShapeDtypeStruct(x.shape, x.dtype), x,
+              vmap_method='broadcast_all', input_output_aliases={0: 0})
+
+
+fusion_barrier.defjvp(lambda primals, tangents: (fusion_barrier(*primals), tangents[0]))

@@ -191,3 +191,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnNormBackward, Backward,
                                   .Ret<F32x1>()
                                   .Attr<float>("epsilon")
                                   .Attr<int64_t>("relu"));
+
+// A fusion barrier with no work: its output aliases its input (the caller sets
+// input_output_aliases), so XLA cannot fuse across it and nothing is copied;
+// without the alias it copies. For `arch.layers.materialize`.
+namespace {
+ffi::Error Barrier(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+  if (y->untyped_data() != x.untyped_data()) {
+    std::memcpy(y->untyped_data(), x.untyped_data(), x.size_bytes());
+  }
+  return ffi::Error::Success();
+}
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusionBarrier, Barrier,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
