@@ -99,12 +99,10 @@ def _setting(cell, value):
 _WORKAROUNDS = [True]
 
 
-@contextlib.contextmanager
 def xla_cpu_workarounds(enabled=True):
   """Turns the two workarounds below on or off for the models traced inside, so
   `benchmarks/throughput.py --before` can time the code as it was, side by side."""
-  with _setting(_WORKAROUNDS, enabled):
-    yield
+  return _setting(_WORKAROUNDS, enabled)
 
 
 _ONEDNN = [None]
@@ -131,7 +129,7 @@ def onednn_convs(enabled=True):
 
 def onednn_norms(enabled=True):
   """Batch norms alone (inside `onednn_convs`), so the two kernels' gains can be
-  timed apart: `benchmarks/throughput.py --no-onednn-norm`."""
+  timed apart: `benchmarks/throughput.py --xla-norms`."""
   return _setting(_ONEDNN_NORMS, enabled)
 
 
@@ -228,11 +226,9 @@ canonical_conv.defvjp(_canonical_fwd, _canonical_bwd)
 _IN_LOOP = [False]
 
 
-@contextlib.contextmanager
 def in_loop_body():
   """Models traced inside use `canonical_conv` (see there); for `nn.scan` bodies."""
-  with _setting(_IN_LOOP, True):
-    yield
+  return _setting(_IN_LOOP, True)
 
 
 def shifted_slices(x, window, strides, padding):
@@ -328,10 +324,11 @@ class ConvUnit(nn.Module):
     groups = x.shape[-1] if self.groups == -1 else self.groups
     x = Conv(self.features, pair(self.kernel_size), pair(self.strides), padding=self.padding,
              use_bias=self.use_bias, feature_group_count=groups, name='conv')(x)
-    if self.norm == 'batch' and self.act == 'relu':
-      return batch_norm(train, 'bn', self.bn_scale, self.bn_epsilon, relu=True)(x)
-    if self.norm == 'batch':
-      x = batch_norm(train, 'bn', self.bn_scale, self.bn_epsilon)(x)
+    if self.norm == 'batch':  # a ReLU goes into the norm (one oneDNN kernel)
+      fused = self.act == 'relu'
+      x = batch_norm(train, 'bn', self.bn_scale, self.bn_epsilon, relu=fused)(x)
+      if fused:
+        return x
     return activation(self.act)(x)
 
 

@@ -3,9 +3,12 @@
 #define ARCH_KERNELS_ONEDNN_COMMON_H_
 
 #include <cstdlib>
+#include <exception>
 #include <new>
+#include <string>
 
 #include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
 
 namespace arch_onednn {
 
@@ -37,6 +40,22 @@ inline dnnl::primitive_attr UserScratchpad() {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   return attr;
+}
+
+// An f32 NHWC image; `nchw` gives its sizes in oneDNN's logical order.
+inline dnnl::memory::desc Nhwc(const dnnl::memory::dims& nchw) {
+  return {nchw, dnnl::memory::data_type::f32, dnnl::memory::format_tag::nhwc};
+}
+
+// `body()`, with oneDNN's (or the allocator's) exceptions turned into an FFI
+// error named by `prefix`: an exception must not cross into XLA.
+template <typename Body>
+xla::ffi::Error Guarded(const char* prefix, Body body) {
+  try {
+    return body();
+  } catch (const std::exception& e) {
+    return xla::ffi::Error::Internal(std::string(prefix) + e.what());
+  }
 }
 
 }  // namespace arch_onednn

@@ -36,6 +36,8 @@ namespace {
 
 using arch_onednn::Buffer;
 using arch_onednn::Engine;
+using arch_onednn::Guarded;
+using arch_onednn::Nhwc;
 using arch_onednn::UserScratchpad;
 
 enum Pass : int64_t { kForward, kBackwardData, kBackwardWeights };
@@ -61,7 +63,6 @@ struct Conv {
   dnnl::reorder reorder;    // HWIO -> `weights` (a gradient: back); empty if the same
 };
 
-memory::desc Nhwc(const memory::dims& dims) { return {dims, memory::data_type::f32, Tag::nhwc}; }
 memory::desc Any(const memory::dims& dims) { return {dims, memory::data_type::f32, Tag::any}; }
 memory::desc Hwio(const Geometry& g) { return {g.weights(), memory::data_type::f32, Tag::hwio}; }
 
@@ -115,7 +116,7 @@ ffi::Error Run(Pass pass, const Geometry& g, float* src, float* weights, float* 
   if (g.c != g.kc) {
     return ffi::Error::InvalidArgument("onednn_conv: kernel input channels != image channels");
   }
-  try {
+  return Guarded("onednn_conv: ", [&] {
     const Conv& conv = Cached(pass, g);
     thread_local Buffer scratch, blocked;
     const auto& engine = Engine();
@@ -139,10 +140,8 @@ ffi::Error Run(Pass pass, const Geometry& g, float* src, float* weights, float* 
       if (reorder) conv.reorder.execute(stream, conv_weights, user_weights);
     }
     stream.wait();
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("onednn_conv: ") + e.what());
-  }
-  return ffi::Error::Success();
+    return ffi::Error::Success();
+  });
 }
 
 // Strides (2) and pads (4) of another length leave the geometry invalid (stride 0).

@@ -30,6 +30,8 @@ using Tag = memory::format_tag;
 namespace {
 
 using arch_onednn::Engine;
+using arch_onednn::Guarded;
+using arch_onednn::Nhwc;
 using arch_onednn::UserScratchpad;
 
 // pass (0 forward, 1 backward), N, H, W, C, relu, epsilon's bits.
@@ -40,7 +42,6 @@ struct Norm {
   memory::desc workspace, scratchpad;
 };
 
-memory::desc Nhwc(const memory::dims& nchw) { return {nchw, memory::data_type::f32, Tag::nhwc}; }
 memory::desc Channels(int64_t c) { return {{c}, memory::data_type::f32, Tag::x}; }
 
 dnnl::normalization_flags Flags(bool relu) {
@@ -92,76 +93,60 @@ memory::dims Nchw(const F32x4& x) {
   return {d[0], d[3], d[1], d[2]};
 }
 
-ffi::Error Check(const memory::dims& nchw, const F32x1& scale, size_t workspace_bytes,
-                 const Norm& norm) {
-  if (scale.element_count() != static_cast<size_t>(nchw[1])) {
-    return ffi::Error::InvalidArgument("onednn_norm: scale/shift length != image channels");
-  }
-  if (norm.workspace.get_size() > workspace_bytes) {
-    return ffi::Error::InvalidArgument("onednn_norm: workspace buffer too small for oneDNN's");
-  }
-  return ffi::Error::Success();
+// Runs pass 0 (forward) or 1 (backward) on `args`, the image's and the
+// per-channel buffers, adding the scratchpad and, with `relu`, the workspace.
+ffi::Error Execute(int64_t pass, const memory::dims& nchw, const F32x1& scale, void* workspace,
+                   size_t workspace_bytes, float epsilon, int64_t relu,
+                   std::unordered_map<int, memory> args) {
+  return Guarded("onednn_norm: ", [&] {
+    if (scale.element_count() != static_cast<size_t>(nchw[1])) {
+      return ffi::Error::InvalidArgument("onednn_norm: scale/shift length != image channels");
+    }
+    const Norm& norm = Cached(pass, nchw, relu != 0, epsilon);
+    if (norm.workspace.get_size() > workspace_bytes) {
+      return ffi::Error::InvalidArgument("onednn_norm: workspace buffer too small for oneDNN's");
+    }
+    const auto& e = Engine();
+    args[DNNL_ARG_SCRATCHPAD] = memory(norm.scratchpad, e, Scratch(norm.scratchpad.get_size()));
+    if (relu) args[DNNL_ARG_WORKSPACE] = memory(norm.workspace, e, workspace);
+    dnnl::stream stream(e);
+    norm.primitive.execute(stream, args);
+    stream.wait();
+    return ffi::Error::Success();
+  });
 }
 
-template <typename Body>
-ffi::Error Guarded(Body body) {
-  try {
-    return body();
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("onednn_norm: ") + e.what());
-  }
+memory Image(const memory::dims& nchw, float* data) { return {Nhwc(nchw), Engine(), data}; }
+memory PerChannel(const memory::dims& nchw, float* data) {
+  return {Channels(nchw[1]), Engine(), data};
 }
 
 ffi::Error Forward(F32x4 x, F32x1 scale, F32x1 shift, ffi::Result<F32x4> y,
                    ffi::Result<F32x1> mean, ffi::Result<F32x1> variance,
                    ffi::Result<U8x1> workspace, float epsilon, int64_t relu) {
-  return Guarded([&] {
-    auto nchw = Nchw(x);
-    const Norm& norm = Cached(0, nchw, relu != 0, epsilon);
-    auto status = Check(nchw, scale, workspace->size_bytes(), norm);
-    if (status.failure()) return status;
-    const auto& e = Engine();
-    dnnl::stream stream(e);
-    std::unordered_map<int, memory> args = {
-        {DNNL_ARG_SRC, memory(Nhwc(nchw), e, x.typed_data())},
-        {DNNL_ARG_DST, memory(Nhwc(nchw), e, y->typed_data())},
-        {DNNL_ARG_SCALE, memory(Channels(nchw[1]), e, scale.typed_data())},
-        {DNNL_ARG_SHIFT, memory(Channels(nchw[1]), e, shift.typed_data())},
-        {DNNL_ARG_MEAN, memory(Channels(nchw[1]), e, mean->typed_data())},
-        {DNNL_ARG_VARIANCE, memory(Channels(nchw[1]), e, variance->typed_data())},
-        {DNNL_ARG_SCRATCHPAD, memory(norm.scratchpad, e, Scratch(norm.scratchpad.get_size()))}};
-    if (relu) args[DNNL_ARG_WORKSPACE] = memory(norm.workspace, e, workspace->untyped_data());
-    norm.primitive.execute(stream, args);
-    stream.wait();
-    return ffi::Error::Success();
-  });
+  auto nchw = Nchw(x);
+  return Execute(0, nchw, scale, workspace->untyped_data(), workspace->size_bytes(), epsilon, relu,
+                 {{DNNL_ARG_SRC, Image(nchw, x.typed_data())},
+                  {DNNL_ARG_DST, Image(nchw, y->typed_data())},
+                  {DNNL_ARG_SCALE, PerChannel(nchw, scale.typed_data())},
+                  {DNNL_ARG_SHIFT, PerChannel(nchw, shift.typed_data())},
+                  {DNNL_ARG_MEAN, PerChannel(nchw, mean->typed_data())},
+                  {DNNL_ARG_VARIANCE, PerChannel(nchw, variance->typed_data())}});
 }
 
 ffi::Error Backward(F32x4 x, F32x4 dy, F32x1 scale, F32x1 mean, F32x1 variance, U8x1 workspace,
                     ffi::Result<F32x4> dx, ffi::Result<F32x1> dscale, ffi::Result<F32x1> dshift,
                     float epsilon, int64_t relu) {
-  return Guarded([&] {
-    auto nchw = Nchw(x);
-    const Norm& norm = Cached(1, nchw, relu != 0, epsilon);
-    auto status = Check(nchw, scale, workspace.size_bytes(), norm);
-    if (status.failure()) return status;
-    const auto& e = Engine();
-    dnnl::stream stream(e);
-    std::unordered_map<int, memory> args = {
-        {DNNL_ARG_SRC, memory(Nhwc(nchw), e, x.typed_data())},
-        {DNNL_ARG_DIFF_DST, memory(Nhwc(nchw), e, dy.typed_data())},
-        {DNNL_ARG_SCALE, memory(Channels(nchw[1]), e, scale.typed_data())},
-        {DNNL_ARG_MEAN, memory(Channels(nchw[1]), e, mean.typed_data())},
-        {DNNL_ARG_VARIANCE, memory(Channels(nchw[1]), e, variance.typed_data())},
-        {DNNL_ARG_DIFF_SRC, memory(Nhwc(nchw), e, dx->typed_data())},
-        {DNNL_ARG_DIFF_SCALE, memory(Channels(nchw[1]), e, dscale->typed_data())},
-        {DNNL_ARG_DIFF_SHIFT, memory(Channels(nchw[1]), e, dshift->typed_data())},
-        {DNNL_ARG_SCRATCHPAD, memory(norm.scratchpad, e, Scratch(norm.scratchpad.get_size()))}};
-    if (relu) args[DNNL_ARG_WORKSPACE] = memory(norm.workspace, e, workspace.untyped_data());
-    norm.primitive.execute(stream, args);
-    stream.wait();
-    return ffi::Error::Success();
-  });
+  auto nchw = Nchw(x);
+  return Execute(1, nchw, scale, workspace.untyped_data(), workspace.size_bytes(), epsilon, relu,
+                 {{DNNL_ARG_SRC, Image(nchw, x.typed_data())},
+                  {DNNL_ARG_DIFF_DST, Image(nchw, dy.typed_data())},
+                  {DNNL_ARG_SCALE, PerChannel(nchw, scale.typed_data())},
+                  {DNNL_ARG_MEAN, PerChannel(nchw, mean.typed_data())},
+                  {DNNL_ARG_VARIANCE, PerChannel(nchw, variance.typed_data())},
+                  {DNNL_ARG_DIFF_SRC, Image(nchw, dx->typed_data())},
+                  {DNNL_ARG_DIFF_SCALE, PerChannel(nchw, dscale->typed_data())},
+                  {DNNL_ARG_DIFF_SHIFT, PerChannel(nchw, dshift->typed_data())}});
 }
 
 }  // namespace
