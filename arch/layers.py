@@ -42,14 +42,36 @@ def batch_norm(train, name=None, use_scale=True, epsilon=1e-5, relu=False):
   E[x^2] - E[x]^2, cancels on near-constant channels (the digits' borders), which
   makes a run depend on the order of float sums, hence on the device count.
   In train mode on oneDNN (`onednn_norms`) it is `OnednnBatchNorm`, with the
-  ReLU fused in; otherwise `nn.BatchNorm`. Both have the same variables.
+  ReLU fused in; otherwise `nn.BatchNorm`. Both have the same variables, and
+  both are called as `norm(x, residual=None, with_norm=False)`: `residual` is
+  added before the ReLU, `with_norm` also returns ||norm(x)||.
   """
-  if train and _onednn_on(_ONEDNN_NORMS):
+  if _onednn_norm(train):
     return OnednnBatchNorm(momentum=0.9, epsilon=epsilon, use_scale=use_scale, relu=relu,
                            name=name)
   norm = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon,
                       use_scale=use_scale, use_fast_variance=False, name=name)
-  return (lambda x: nn.relu(norm(x))) if relu else norm
+
+  def apply(x, residual=None, with_norm=False):
+    branch = norm(x)
+    y = branch if residual is None else branch + residual
+    y = nn.relu(y) if relu else y
+    return (y, jnp.linalg.norm(branch)) if with_norm else y
+  return apply
+
+
+def _onednn_norm(train):
+  return train and _onednn_on(_ONEDNN_NORMS)
+
+
+def fan_out(x, train):
+  """(x, x): a residual block's input for its branch and its shortcut. In train
+  mode on oneDNN their gradients are summed by a oneDNN kernel: XLA's add is a
+  parallel loop that moves the rest of the backward pass to another of its
+  threads, whose oneDNN threads are asleep (`arch.kernels.fan_out`)."""
+  if _onednn_norm(train) and x.dtype == jnp.float32:
+    return kernels.fan_out(x)
+  return x, x
 
 
 class OnednnBatchNorm(nn.Module):
@@ -58,7 +80,8 @@ class OnednnBatchNorm(nn.Module):
   The same variables, initial values and running-average update as
   `nn.BatchNorm`, so checkpoints and parameter counts do not depend on which
   one ran. XLA:CPU spends more on batch norm's passes over memory than oneDNN
-  spends on the convolutions around them (BENCHMARKS.md).
+  spends on the convolutions around them (BENCHMARKS.md). A `residual` (with
+  `relu`) is added in the same kernel: a residual block's sum.
   """
   momentum: float = 0.9
   epsilon: float = 1e-5
@@ -66,7 +89,7 @@ class OnednnBatchNorm(nn.Module):
   relu: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, residual=None, with_norm=False):
     if x.ndim != 4 or x.dtype != jnp.float32:
       raise ValueError(f'OnednnBatchNorm takes f32 NHWC images, got {x.dtype} {x.shape}; '
                        'trace the model inside arch.layers.onednn_convs(False)')
@@ -76,11 +99,17 @@ class OnednnBatchNorm(nn.Module):
     scale = (self.param('scale', nn.initializers.ones, features, jnp.float32) if self.use_scale
              else jnp.ones(features, x.dtype))
     bias = self.param('bias', nn.initializers.zeros, features, jnp.float32)
-    y, mean, var = kernels.batch_norm(x, scale, bias, self.epsilon, self.relu)
+    y, mean, var = kernels.batch_norm(x, scale, bias, self.epsilon, self.relu, residual)
     if not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-    return y
+    if not with_norm:
+      return y
+    # ||scale * x_hat + bias|| from the statistics, without the image (which the
+    # kernel never writes out before the ReLU): per channel, x_hat sums to zero
+    # and its squares to count * var / (var + epsilon).
+    count = x.size // x.shape[-1]
+    return y, jnp.sqrt(count * jnp.sum(scale ** 2 * var / (var + self.epsilon) + bias ** 2))
 
 
 # ---- XLA:CPU workarounds (BENCHMARKS.md has the measurements). -------------------
@@ -318,18 +347,31 @@ class ConvUnit(nn.Module):
   bn_epsilon: float = 1e-5
 
   @nn.compact
-  def __call__(self, x, train=False):
+  def __call__(self, x, train=False, residual=None, with_branch_norm=False):
+    """act(norm(conv(x)) + residual), the residual if given.
+
+    `with_branch_norm` also returns ||norm(conv(x))||, the branch a residual
+    block's diagnostics compare with its input. With a batch norm and a ReLU the
+    norm, the sum and the ReLU are one oneDNN kernel in train mode.
+    """
     if self.norm not in NORMS:
       raise ValueError(f'unknown norm {self.norm!r}; choose one of {", ".join(NORMS)}')
     groups = x.shape[-1] if self.groups == -1 else self.groups
     x = Conv(self.features, pair(self.kernel_size), pair(self.strides), padding=self.padding,
              use_bias=self.use_bias, feature_group_count=groups, name='conv')(x)
-    if self.norm == 'batch':  # a ReLU goes into the norm (one oneDNN kernel)
-      fused = self.act == 'relu'
-      x = batch_norm(train, 'bn', self.bn_scale, self.bn_epsilon, relu=fused)(x)
-      if fused:
-        return x
-    return activation(self.act)(x)
+    if self.norm == 'batch' and self.act == 'relu':
+      norm = batch_norm(train, 'bn', self.bn_scale, self.bn_epsilon, relu=True)
+      y, branch_norm = norm(x, residual, with_norm=True)
+      in_kernel = _onednn_norm(train)
+    else:
+      if self.norm == 'batch':
+        x = batch_norm(train, 'bn', self.bn_scale, self.bn_epsilon)(x)
+      branch_norm = jnp.linalg.norm(x)
+      y = activation(self.act)(x if residual is None else x + residual)
+      in_kernel = False
+    if residual is not None and not in_kernel:  # a custom call's output needs no barrier
+      y = materialize(y)
+    return (y, branch_norm) if with_branch_norm else y
 
 
 def global_avg_pool(x):

@@ -12,15 +12,15 @@ which is what makes the degradation comparison fair.
 import flax.linen as nn
 import jax.numpy as jnp
 
-from arch.layers import Conv, ConvUnit, activation, batch_norm, materialize
+from arch.layers import Conv, ConvUnit, activation, batch_norm, fan_out, materialize
 
 SHORTCUTS = ('none', 'A', 'B', 'C')
 
 
-def record_branch_ratio(module, branch, x):
+def record_branch_ratio(module, branch_norm, x):
   """Sows ||F(x)|| / ||x|| for the diagnostics: the ResNet paper argues that
   residual blocks learn to keep F(x) small. Free unless 'intermediates' is mutable."""
-  module.sow('intermediates', 'branch_ratio', jnp.linalg.norm(branch) / (jnp.linalg.norm(x) + 1e-12))
+  module.sow('intermediates', 'branch_ratio', branch_norm / (jnp.linalg.norm(x) + 1e-12))
 
 
 def check_shortcut(shortcut):
@@ -62,13 +62,14 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train=False):
+    x, x_shortcut = fan_out(x, train) if self.shortcut != 'none' else (x, None)
     y = ConvUnit(self.features, 3, self.strides, norm=self.norm, act=self.act, name='conv1')(x, train)
-    y = ConvUnit(self.features, 3, norm=self.norm, act='none', name='conv2')(y, train)
-    record_branch_ratio(self, y, x)
-    if self.shortcut != 'none':
-      y = y + Shortcut(self.features, self.strides, self.shortcut, name='shortcut')(x, train)
-      return materialize(activation(self.act)(y))
-    return activation(self.act)(y)
+    shortcut = (None if x_shortcut is None else
+                Shortcut(self.features, self.strides, self.shortcut, name='shortcut')(x_shortcut, train))
+    y, branch_norm = ConvUnit(self.features, 3, norm=self.norm, act=self.act, name='conv2')(
+        y, train, residual=shortcut, with_branch_norm=True)
+    record_branch_ratio(self, branch_norm, x)
+    return y
 
 
 class BottleneckBlock(nn.Module):
@@ -90,15 +91,16 @@ class BottleneckBlock(nn.Module):
   def __call__(self, x, train=False):
     s1, s3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
     unit = dict(use_bias=self.use_bias, bn_epsilon=self.bn_epsilon)
+    x, x_shortcut = fan_out(x, train) if self.shortcut != 'none' else (x, None)
     y = ConvUnit(self.features, 1, s1, act=self.act, name='conv1', **unit)(x, train)
     y = ConvUnit(self.features, 3, s3, act=self.act, name='conv2', **unit)(y, train)
     out = self.features * self.expansion
-    y = ConvUnit(out, 1, act='none', name='conv3', **unit)(y, train)
-    record_branch_ratio(self, y, x)
-    if self.shortcut != 'none':
-      y = y + Shortcut(out, self.strides, self.shortcut, name='shortcut', **unit)(x, train)
-      return materialize(activation(self.act)(y))
-    return activation(self.act)(y)
+    shortcut = (None if x_shortcut is None else
+                Shortcut(out, self.strides, self.shortcut, name='shortcut', **unit)(x_shortcut, train))
+    y, branch_norm = ConvUnit(out, 1, act=self.act, name='conv3', **unit)(
+        y, train, residual=shortcut, with_branch_norm=True)
+    record_branch_ratio(self, branch_norm, x)
+    return y
 
 
 class PreActBlock(nn.Module):
@@ -132,7 +134,7 @@ class PreActBlock(nn.Module):
       out = self.features
       y = ConvUnit(self.features, 3, self.strides, name='conv1', **unit)(pre, train)
       y = Conv(out, (3, 3), use_bias=self.use_bias, name='conv2')(y)
-    record_branch_ratio(self, y, x)
+    record_branch_ratio(self, jnp.linalg.norm(y), x)
     if self.shortcut == 'none':
       return y
     reshape = self.strides != 1 or x.shape[-1] != out

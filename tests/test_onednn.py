@@ -117,6 +117,99 @@ def test_batch_norm_matches_flax(shape, relu, use_scale):
     assert_close(a, b, rtol=1e-4)
 
 
+class Sum(nn.Module):
+  """A residual block's sum: relu(batch_norm(x) + residual), and ||batch_norm(x)||."""
+
+  @nn.compact
+  def __call__(self, x, residual):
+    return layers.batch_norm(True, 'bn', relu=True)(x, residual, with_norm=True)
+
+
+@pytest.mark.parametrize('shape', [(16, 8, 8, 16), (4, 5, 7, 3)])
+def test_batch_norm_add_relu_matches_flax(shape):
+  """relu(norm(x) + residual), a residual block's sum, in one kernel: the same
+  outputs, statistics and gradients (the residual's too) as nn.BatchNorm, + and
+  nn.relu; its branch norm ||norm(x)|| (from the statistics) as jnp.linalg.norm's."""
+  x = away_from_zero(shape)
+  residual = 4.0 * jnp.roll(x, 1, axis=0)  # |residual| >= 2 > |norm(x)|: no sum near the kink
+  weights = jax.random.normal(jax.random.key(4), shape)
+
+  with layers.onednn_convs(False):
+    variables = Sum().init(jax.random.key(2), x, residual)
+  variables['params']['bn']['bias'] = jnp.linspace(-0.3, 0.3, shape[-1])
+
+  def run(enabled):
+    with layers.onednn_convs(enabled):
+      def loss(params, x, residual):
+        (y, branch_norm), stats = Sum().apply({**variables, 'params': params}, x, residual,
+                                              mutable=['batch_stats'])
+        return jnp.sum(jnp.sin(y) * weights), (y, branch_norm, stats)
+      text = lowered(loss, variables['params'], x, residual)
+      (_, aux), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
+          variables['params'], x, residual)
+    return text, aux, grads
+
+  text, (y, branch_norm, stats), grads = run(True)
+  want_text, (want_y, want_norm, want_stats), want_grads = run(False)
+  assert 'onednn_norm_add_relu_forward' in text and 'onednn_norm' not in want_text
+  assert_close(y, want_y)
+  assert np.all(np.asarray(y) >= 0) and np.any(np.asarray(y) == 0)
+  np.testing.assert_allclose(branch_norm, want_norm, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(want_stats)):
+    assert_close(a, b)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    assert_close(a, b, rtol=1e-4)
+  with pytest.raises(ValueError, match='before a ReLU'):
+    kernels.batch_norm(x, jnp.ones(shape[-1]), jnp.zeros(shape[-1]), 1e-5, False, residual)
+
+
+def test_fan_out_sums_gradients():
+  """`fan_out` gives x twice; the two readers' gradients are summed by oneDNN."""
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
+
+  def loss(x):
+    a, b = layers.fan_out(x, train=True)
+    return jnp.sum(jnp.sin(a)) + jnp.sum(b * b)
+  with layers.onednn_convs(True):
+    assert 'onednn_add' in lowered(jax.grad(loss), x)
+    np.testing.assert_allclose(jax.jit(jax.grad(loss))(x), jnp.cos(x) + 2 * x, rtol=1e-6)
+  with layers.onednn_convs(False):
+    assert 'onednn_add' not in lowered(jax.grad(loss), x)
+
+
+@pytest.mark.parametrize('block,shortcut,strides', [
+    (arch.residual.BasicBlock, 'A', 1), (arch.residual.BasicBlock, 'A', 2),
+    (arch.residual.BasicBlock, 'none', 1), (arch.residual.BottleneckBlock, 'B', 2)])
+def test_residual_blocks_match_xla(block, shortcut, strides):
+  """A residual block on oneDNN (its sum inside the norm kernel, its input's
+  gradients summed by `fan_out`) computes what the pure-XLA block computes:
+  outputs, running statistics, the sown branch ratio and every gradient."""
+  x = jax.random.normal(jax.random.key(0), (8, 8, 8, 16))
+  model = block(16, strides, shortcut)
+  with layers.onednn_convs(False):
+    variables = model.init(jax.random.key(1), x)
+
+  def run(enabled):
+    def loss(params, x):
+      y, state = model.apply({**variables, 'params': params}, x, train=True,
+                             mutable=['batch_stats', 'intermediates'])
+      return jnp.sum(jnp.sin(y)), (y, state)
+    step = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    with layers.onednn_convs(enabled):
+      return lowered(step, variables['params'], x), jax.jit(step)(variables['params'], x)
+
+  text, ((_, (y, state)), grads) = run(True)
+  want_text, ((_, (want_y, want_state)), want_grads) = run(False)
+  fused = shortcut != 'none'
+  assert ('onednn_norm_add_relu_forward' in text) == fused and ('onednn_add' in text) == fused
+  assert 'onednn' not in want_text
+  assert_close(y, want_y, rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(want_state)):
+    assert_close(a, b, rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    assert_close(a, b, rtol=1e-3)
+
+
 def test_batch_norm_routing():
   """ConvUnit's conv-BN-ReLU is one norm kernel in train mode; eval mode and pure
   XLA keep nn.BatchNorm."""

@@ -6,8 +6,8 @@ GFLOP/s (BENCHMARKS.md, finding 4); oneDNN's backward-weights kernels are
 pass and both gradients are the three handlers of `onednn_conv.cc`. XLA:CPU
 runs a train-mode batch norm as 4-6 passes over memory at ~8 GB/s; `batch_norm`
 (`onednn_norm.cc`) is oneDNN's fused kernel, forward and backward, optionally
-with the following ReLU. `make kernels` builds both into `_onednn.so`. When that
-library is missing or does not load, `available()` is False (with one warning
+with the following ReLU, or with a residual block's sum and ReLU. `make
+kernels` builds both into `_onednn.so`. When that library is missing or does not load, `available()` is False (with one warning
 line) and `arch.layers` keeps its pure-XLA convolutions and `nn.BatchNorm`.
 """
 import ctypes
@@ -25,6 +25,9 @@ TARGETS = {'onednn_conv_forward': 'OnednnConvForward',
            'onednn_conv_backward_weights': 'OnednnConvBackwardWeights',
            'onednn_norm_forward': 'OnednnNormForward',
            'onednn_norm_backward': 'OnednnNormBackward',
+           'onednn_norm_add_relu_forward': 'OnednnNormAddReluForward',
+           'onednn_norm_add_relu_backward': 'OnednnNormAddReluBackward',
+           'onednn_add': 'OnednnAdd',
            'fusion_barrier': 'FusionBarrier'}
 
 
@@ -120,26 +123,36 @@ def _conv_bwd(strides, pads, residuals, dy):
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def batch_norm(x, scale, bias, epsilon, relu):
+def batch_norm(x, scale, bias, epsilon, relu, residual=None):
   """Train-mode batch norm of NHWC f32 `x` over N, H, W (+ ReLU if `relu`).
 
   Returns the output, the batch mean and the biased batch variance, as
   `nn.BatchNorm(use_fast_variance=False)` computes them: y = (x - mean) /
   sqrt(var + epsilon) * scale + bias, the variance from a second pass over
-  x - mean. The statistics carry no gradient (they feed running averages).
+  x - mean. With `residual` (x's shape; needs `relu`) the output is
+  relu(y + residual), a residual block's sum in the same kernel. The statistics
+  carry no gradient (they feed running averages).
   """
-  y, mean, var = _norm(x, scale, bias, float(epsilon), bool(relu))
+  if residual is None:
+    y, mean, var = _norm(x, scale, bias, float(epsilon), bool(relu))
+  else:
+    if not relu:
+      raise ValueError('kernels.batch_norm: a residual is added before a ReLU only (relu=True)')
+    y, mean, var = _norm_add_relu(x, residual, scale, bias, float(epsilon))
   return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
 
 
-def _norm_call(x, scale, bias, epsilon, relu):
+def _norm_outputs(x, relu):
   c = x.shape[-1]
   channels = jax.ShapeDtypeStruct((c,), x.dtype)
   # oneDNN's ReLU mask: a bit or a byte per element by version; a byte is enough.
   workspace = jax.ShapeDtypeStruct((x.size if relu else 1,), np.uint8)
-  return _ffi('onednn_norm_forward', (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels,
-                                      workspace),
-              x, scale, bias, epsilon=np.float32(epsilon), relu=np.int64(relu))
+  return (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels, workspace)
+
+
+def _norm_call(x, scale, bias, epsilon, relu):
+  return _ffi('onednn_norm_forward', _norm_outputs(x, relu), x, scale, bias,
+              epsilon=np.float32(epsilon), act=np.int64(relu))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -152,15 +165,47 @@ def _norm_fwd(x, scale, bias, epsilon, relu):
   return (y, mean, var), (x, scale, mean, var, workspace)
 
 
+def _norm_grads(x, residual_grad):
+  """The backward handler's outputs: dx, (dresidual,) dscale, dshift."""
+  image = jax.ShapeDtypeStruct(x.shape, x.dtype)
+  channels = jax.ShapeDtypeStruct(x.shape[-1:], x.dtype)
+  return (image, image, channels, channels) if residual_grad else (image, channels, channels)
+
+
 def _norm_bwd(epsilon, relu, residuals, cotangents):
   x, scale, mean, var, workspace = residuals
   dy = cotangents[0]  # the statistics' cotangents are zero: `batch_norm` stops them
-  channels = jax.ShapeDtypeStruct(scale.shape, x.dtype)
-  return _ffi('onednn_norm_backward', (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels),
-              x, dy, scale, mean, var, workspace, epsilon=np.float32(epsilon), relu=np.int64(relu))
+  return _ffi('onednn_norm_backward', _norm_grads(x, False), x, dy, scale, mean, var, workspace,
+              epsilon=np.float32(epsilon), act=np.int64(relu))
 
 
 _norm.defvjp(_norm_fwd, _norm_bwd)
+
+
+def _add_relu_call(x, residual, scale, bias, epsilon):
+  return _ffi('onednn_norm_add_relu_forward', _norm_outputs(x, False)[:3], x, residual, scale,
+              bias, epsilon=np.float32(epsilon))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _norm_add_relu(x, residual, scale, bias, epsilon):
+  return _add_relu_call(x, residual, scale, bias, epsilon)
+
+
+def _norm_add_relu_fwd(x, residual, scale, bias, epsilon):
+  y, mean, var = _add_relu_call(x, residual, scale, bias, epsilon)
+  return (y, mean, var), (x, y, scale, mean, var)
+
+
+def _norm_add_relu_bwd(epsilon, residuals, cotangents):
+  x, y, scale, mean, var = residuals
+  dx, dresidual, dscale, dbias = _ffi(
+      'onednn_norm_add_relu_backward', _norm_grads(x, True), x, y, cotangents[0], scale, mean,
+      var, epsilon=np.float32(epsilon))
+  return dx, dresidual, dscale, dbias
+
+
+_norm_add_relu.defvjp(_norm_add_relu_fwd, _norm_add_relu_bwd)
 
 
 @jax.custom_jvp
@@ -172,3 +217,23 @@ def fusion_barrier(x):
 
 
 fusion_barrier.defjvp(lambda primals, tangents: (fusion_barrier(*primals), tangents[0]))
+
+
+@jax.custom_vjp
+def fan_out(x):
+  """(x, x) for two readers, e.g. a residual block's branch and shortcut, whose
+  cotangents are then summed by oneDNN (`onednn_add`) rather than by an XLA
+  loop, which would hand the rest of the backward pass to another thread."""
+  return x, x
+
+
+def _fan_out_fwd(x):
+  return (x, x), None
+
+
+def _fan_out_bwd(_, cotangents):
+  a, b = cotangents
+  return (_ffi('onednn_add', jax.ShapeDtypeStruct(a.shape, a.dtype), a, b),)
+
+
+fan_out.defvjp(_fan_out_fwd, _fan_out_bwd)
