@@ -101,15 +101,26 @@ class OnednnBatchNorm(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, features, jnp.float32)
     y, mean, var = kernels.batch_norm(x, scale, bias, self.epsilon, self.relu, residual)
     if not self.is_initializing():
-      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+      ra_mean.value, ra_var.value = _running_averages(self.momentum, ra_mean.value, ra_var.value,
+                                                      mean, var)
     if not with_norm:
       return y
-    # ||scale * x_hat + bias|| from the statistics, without the image (which the
-    # kernel never writes out before the ReLU): per channel, x_hat sums to zero
-    # and its squares to count * var / (var + epsilon).
-    count = x.size // x.shape[-1]
-    return y, jnp.sqrt(count * jnp.sum(scale ** 2 * var / (var + self.epsilon) + bias ** 2))
+    return y, _branch_norm(x.size // x.shape[-1], self.epsilon, scale, bias, var)
+
+
+# Jitted, so that tracing a deep net binds each once per layer, not each jnp op
+# in them (tracing, not XLA, is most of a warm compile: BENCHMARKS.md).
+@functools.partial(jax.jit, static_argnums=0)
+def _running_averages(momentum, ra_mean, ra_var, mean, var):
+  return (momentum * ra_mean + (1 - momentum) * mean, momentum * ra_var + (1 - momentum) * var)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _branch_norm(count, epsilon, scale, bias, var):
+  """||scale * x_hat + bias|| from the statistics, without the image (which the
+  norm kernel never writes out before the ReLU): per channel, x_hat sums to zero
+  and its squares to count * var / (var + epsilon)."""
+  return jnp.sqrt(count * jnp.sum(scale ** 2 * var / (var + epsilon) + bias ** 2))
 
 
 # ---- XLA:CPU workarounds (BENCHMARKS.md has the measurements). -------------------
