@@ -167,6 +167,11 @@ def onednn_convs(enabled=True):
     yield
 
 
+def switches():
+  """The settings above, as they stand: part of `arch.trace_cache`'s key."""
+  return (_WORKAROUNDS[0], _ONEDNN[0], _ONEDNN_NORMS[0], _IN_LOOP[0])
+
+
 def onednn_norms(enabled=True):
   """Batch norms alone (inside `onednn_convs`), so the two kernels' gains can be
   timed apart: `benchmarks/throughput.py --xla-norms`."""

@@ -17,7 +17,8 @@ Run directory (a contract: sweeps, notebooks and reports read it):
                  reason; the last evaluation as train_error, test_error (and
                  val_error), train_loss, test_loss, ...; params, macs (mult-adds
                  per example), step, num_steps, wall_s (all sessions),
-                 steps_per_s, device kind and count, jax and flax versions.
+                 steps_per_s, compile_s (this session's compile of the train and eval
+                 steps), device kind and count, jax and flax versions.
   checkpoints/   orbax, the latest `keep_checkpoints`, each with the CRC32 of
                  its arrays in orbax's step metadata.
   run.lock       while a process trains the run (arch/runfiles.py); a second
@@ -103,6 +104,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import arch
 from arch import data as data_lib
 from arch import diagnostics
+from arch import trace_cache
 from arch import optim
 from arch import runfiles
 from arch import transfer
@@ -207,6 +209,21 @@ def prepare(config, workdir, restart=False, devices=None):
 
 def config_json(config):
   return json.loads(config.to_json_best_effort())
+
+
+# Config keys the train and eval steps never read (the loop or `init` does), so
+# another seed or run length of an architecture reuses its traced steps.
+OUTSIDE_THE_STEPS = ('seed', 'stop_after', 'log_every', 'eval_every', 'checkpoint_every',
+                     'keep_checkpoints', 'init_from', 'init_from_config')
+
+
+def program_key(job):
+  """What the jitted steps close over besides their arguments, for
+  arch/trace_cache.py: the config, and the data's statistics and split sizes."""
+  data = job.data
+  config = {k: v for k, v in config_json(job.config).items() if k not in OUTSIDE_THE_STEPS}
+  return repr((sorted(config.items()), data.name, data.shape, sorted(data.ranges.items()),
+               np.asarray(data.mean).tobytes().hex(), np.asarray(data.std).tobytes().hex()))
 
 
 def _check_workdir(workdir):
@@ -386,6 +403,16 @@ def _run(job, lead, signals):
       state = init()
     state = transfer.load_backbone(job, state)  # config.init_from
   images, labels = _replicate(job.data.images, job.mesh), _replicate(job.data.labels, job.mesh)
+  # Compiled before the loop; a later run of the same architecture skips the trace
+  # too, not only XLA's compile (arch/trace_cache.py).
+  t_compile = time.perf_counter()
+  key = program_key(job)
+  train_step = trace_cache.compile('train_step', train_step, (state, images, labels), key,
+                                   donate_argnums=(0,), out_shardings=replicated)
+  eval_step = trace_cache.compile('eval_step', eval_step,
+                                  (state.params, state.batch_stats, images, labels, 0, 1), key,
+                                  out_shardings=replicated)
+  compile_s = round(time.perf_counter() - t_compile, 2)
 
   shape = job.data.shape
   summary = dict(
@@ -394,7 +421,7 @@ def _run(job, lead, signals):
       params=arch.count_params(job.model, shape)['params'],
       macs=arch.count_macs(job.model, shape),
       device_kind=jax.devices()[0].device_kind, device_count=job.mesh.size,
-      process_count=jax.process_count(), jax_version=jax.__version__,
+      process_count=jax.process_count(), jax_version=jax.__version__, compile_s=compile_s,
       flax_version=flax.__version__)
   wall_before = previous.get('wall_s', 0.0) if start else 0.0
   t_session = time.perf_counter()

@@ -143,7 +143,7 @@ def assert_same_run(workdir, reference, num_steps=30):
   s, r = summary(workdir), summary(reference)
   assert s['status'] == 'done' and s['step'] == num_steps
   assert set(s) == set(r)
-  timing = {'wall_s', 'steps_per_s'}
+  timing = {'wall_s', 'steps_per_s', 'compile_s'}
   assert {k: v for k, v in s.items() if k not in timing} == \
       {k: v for k, v in r.items() if k not in timing}
   assert not os.path.exists(os.path.join(workdir, runfiles.LOCK))

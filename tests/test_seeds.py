@@ -83,11 +83,10 @@ def nan_loss(make_functions, index, step):
   def patched(job, tx, schedule):
     init, train_step, eval_step = make_functions(job, tx, schedule)
 
-    def poisoned(state, images, labels):
+    def poisoned(state, images, labels):  # traced: train.py compiles it
       state, metrics = train_step(state, images, labels)
-      if int(state.step[index]) >= step:
-        metrics = dict(metrics, loss=metrics['loss'].at[index].set(jnp.nan))
-      return state, metrics
+      nan = jnp.where(state.step[index] >= step, jnp.nan, metrics['loss'][index])
+      return state, dict(metrics, loss=metrics['loss'].at[index].set(nan))
     return init, poisoned, eval_step
   return patched
 
