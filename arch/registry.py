@@ -25,6 +25,11 @@ def names():
   return sorted(_BUILDERS)
 
 
+def builders():
+  """{name: builder}, every registered model."""
+  return dict(_BUILDERS)
+
+
 def build(model_config):
   """Returns the Linen module that `model_config` describes."""
   cfg = dict(model_config)

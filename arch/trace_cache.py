@@ -6,7 +6,8 @@ ResNet-110's warm compile was 0.83 s of tracing in 1.5 s (BENCHMARKS.md).
 `compile` keys a program by a name, the function's module and qualified name,
 the caller's `key` (what the function closes over: the config, the data's
 statistics), the arguments' shapes, dtypes and shardings, the library versions
-and a hash of the `arch` sources, and keeps its StableHLO (`jax.export`) in
+and a hash of the `arch` sources (and of the files of models registered from
+elsewhere), and keeps its StableHLO (`jax.export`) in
 `<compilation cache dir>/arch_traces`. A later process with the same key
 deserializes it instead of tracing, and XLA's compile of it is the compilation
 cache's hit. Off (plain `jax.jit`) without a
@@ -26,7 +27,7 @@ import jax
 import jaxlib
 import optax
 
-from arch import kernels, layers
+from arch import kernels, layers, registry
 
 _SOURCES = os.path.dirname(os.path.abspath(__file__))
 
@@ -56,6 +57,26 @@ def _code_digest():
   return digest.hexdigest()
 
 
+def _models_digest():
+  """The source files of models registered from outside `arch` (an experiment's
+  own net): editing one must not reuse its old trace. A builder with no source
+  file (defined in a notebook cell) is keyed by its address, so its program is
+  never reused across processes."""
+  digest = hashlib.sha256()
+  for name, builder in sorted(registry.builders().items()):
+    try:
+      path = inspect.getsourcefile(builder)
+    except TypeError:
+      path = None
+    if path and os.path.exists(path):
+      if not os.path.abspath(path).startswith(_SOURCES + os.sep):  # arch/: _code_digest
+        with open(path, 'rb') as f:
+          digest.update(name.encode() + f.read())
+    else:
+      digest.update(f'{name}: {builder!r}'.encode())
+  return digest.hexdigest()
+
+
 def _describe(leaf):
   sharding = getattr(leaf, 'sharding', None)
   return (getattr(leaf, 'shape', ()), str(getattr(leaf, 'dtype', type(leaf))),
@@ -72,7 +93,7 @@ def cache_key(name, fn, key, leaves, in_tree, options):
   """A hex digest of everything the traced program depends on."""
   parts = (name, _identity(fn), key, [_describe(leaf) for leaf in leaves], str(in_tree), options,
            jax.__version__, jaxlib.__version__, flax.__version__, optax.__version__,
-           sys.version_info[:2], _code_digest(), kernels.available(),
+           sys.version_info[:2], _code_digest(), _models_digest(), kernels.available(),
            layers.switches(), jax.default_backend(), jax.device_count(),
            jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision)
   return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]

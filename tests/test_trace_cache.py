@@ -2,6 +2,7 @@
 with the same key, without tracing, and computes the same bits (custom calls,
 donation and pytrees included); another key, architecture or argument shape is
 traced afresh; an unreadable entry is traced again and rewritten."""
+import importlib
 import os
 
 import jax
@@ -91,3 +92,21 @@ def test_on_only_beside_a_compilation_cache_in_one_process():
   assert trace_cache._directory(None, None, 1) is None
   assert trace_cache._directory('/c', '0', 1) is None   # ARCH_TRACE_CACHE=0
   assert trace_cache._directory('/c', None, 2) is None  # multi-process: plain jit
+
+
+def test_a_model_registered_outside_arch_is_part_of_the_key(tmp_path, monkeypatch):
+  """Editing an experiment's own model changes the key; a builder without a
+  source file (a notebook cell) gets a key no other process can share."""
+  module = tmp_path / 'my_models.py'
+  module.write_text('def my_net():\n  return None\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  my_models = importlib.import_module('my_models')
+  monkeypatch.setitem(arch.registry._BUILDERS, 'my_net', my_models.my_net)
+  before = trace_cache._models_digest()
+  module.write_text('def my_net():\n  return 1\n')
+  assert trace_cache._models_digest() != before
+  first, second = eval('lambda: None'), eval('lambda: None')  # the same text, no file
+  monkeypatch.setitem(arch.registry._BUILDERS, 'cell_net', first)
+  digest = trace_cache._models_digest()
+  monkeypatch.setitem(arch.registry._BUILDERS, 'cell_net', second)
+  assert trace_cache._models_digest() != digest
