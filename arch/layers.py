@@ -378,7 +378,7 @@ class ConvUnit(nn.Module):
     if self.norm == 'batch' and self.act == 'relu':
       norm = batch_norm(train, 'bn', self.bn_scale, self.bn_epsilon, relu=True)
       y, branch_norm = norm(x, residual, with_norm=True)
-      in_kernel = _onednn_norm(train)
+      in_kernel = isinstance(norm, OnednnBatchNorm)
     else:
       if self.norm == 'batch':
         x = batch_norm(train, 'bn', self.bn_scale, self.bn_epsilon)(x)

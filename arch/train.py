@@ -265,7 +265,8 @@ def _check_same_config(config, workdir):
 # ---- The jitted functions. ------------------------------------------------------
 
 def make_functions(job, tx, schedule):
-  """(init, train_step, eval_step), jitted over the job's mesh."""
+  """(init, train_step, eval_step): init jitted over the job's mesh; the steps
+  as functions, which `_run` compiles through arch/trace_cache.py."""
   config, model, data = job.config, job.model, job.data
   replicated = NamedSharding(job.mesh, P())
   sharded = NamedSharding(job.mesh, P('data'))
@@ -325,9 +326,7 @@ def make_functions(job, tx, schedule):
     init = functools.partial(jax.vmap(init), seeds)
     train_step = jax.vmap(train_step, in_axes=(0, None, None))
     eval_step = jax.vmap(eval_step, in_axes=(0, 0, None, None, None, None))
-  return (jax.jit(init, out_shardings=replicated),
-          jax.jit(train_step, donate_argnums=0, out_shardings=(replicated, replicated)),
-          jax.jit(eval_step, out_shardings=replicated))
+  return jax.jit(init, out_shardings=replicated), train_step, eval_step
 
 
 def _host(tree):

@@ -7,8 +7,9 @@ pass and both gradients are the three handlers of `onednn_conv.cc`. XLA:CPU
 runs a train-mode batch norm as 4-6 passes over memory at ~8 GB/s; `batch_norm`
 (`onednn_norm.cc`) is oneDNN's fused kernel, forward and backward, optionally
 with the following ReLU, or with a residual block's sum and ReLU. `make
-kernels` builds both into `_onednn.so`. When that library is missing or does not load, `available()` is False (with one warning
-line) and `arch.layers` keeps its pure-XLA convolutions and `nn.BatchNorm`.
+kernels` builds both into `_onednn.so`. When that library is missing or does
+not load, `available()` is False (with one warning line) and `arch.layers`
+keeps its pure-XLA convolutions and `nn.BatchNorm`.
 """
 import ctypes
 import functools
@@ -142,16 +143,16 @@ def batch_norm(x, scale, bias, epsilon, relu, residual=None):
   return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
 
 
-def _norm_outputs(x, relu):
-  c = x.shape[-1]
-  channels = jax.ShapeDtypeStruct((c,), x.dtype)
-  # oneDNN's ReLU mask: a bit or a byte per element by version; a byte is enough.
-  workspace = jax.ShapeDtypeStruct((x.size if relu else 1,), np.uint8)
-  return (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels, workspace)
+def _norm_outputs(x):
+  """The forward handlers' outputs: y, mean, variance."""
+  channels = jax.ShapeDtypeStruct(x.shape[-1:], x.dtype)
+  return (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels)
 
 
 def _norm_call(x, scale, bias, epsilon, relu):
-  return _ffi('onednn_norm_forward', _norm_outputs(x, relu), x, scale, bias,
+  # oneDNN's ReLU mask: a bit or a byte per element by version; a byte is enough.
+  workspace = jax.ShapeDtypeStruct((x.size if relu else 1,), np.uint8)
+  return _ffi('onednn_norm_forward', _norm_outputs(x) + (workspace,), x, scale, bias,
               epsilon=np.float32(epsilon), act=np.int64(relu))
 
 
@@ -183,8 +184,8 @@ _norm.defvjp(_norm_fwd, _norm_bwd)
 
 
 def _add_relu_call(x, residual, scale, bias, epsilon):
-  return _ffi('onednn_norm_add_relu_forward', _norm_outputs(x, False)[:3], x, residual, scale,
-              bias, epsilon=np.float32(epsilon))
+  return _ffi('onednn_norm_add_relu_forward', _norm_outputs(x), x, residual, scale, bias,
+              epsilon=np.float32(epsilon))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -199,10 +200,8 @@ def _norm_add_relu_fwd(x, residual, scale, bias, epsilon):
 
 def _norm_add_relu_bwd(epsilon, residuals, cotangents):
   x, y, scale, mean, var = residuals
-  dx, dresidual, dscale, dbias = _ffi(
-      'onednn_norm_add_relu_backward', _norm_grads(x, True), x, y, cotangents[0], scale, mean,
-      var, epsilon=np.float32(epsilon))
-  return dx, dresidual, dscale, dbias
+  return _ffi('onednn_norm_add_relu_backward', _norm_grads(x, True), x, y, cotangents[0], scale,
+              mean, var, epsilon=np.float32(epsilon))  # dx, dresidual, dscale, dbias
 
 
 _norm_add_relu.defvjp(_norm_add_relu_fwd, _norm_add_relu_bwd)
